@@ -1,0 +1,33 @@
+# The two set-up commands a newcomer needs: `make run` and `make test`.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+CONFIG ?= gateway.yaml
+
+.PHONY: run test lint schema bench clean
+
+$(BIN)/multiverse: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	@touch $@
+
+run: $(BIN)/multiverse          ## start the gateway with gateway.yaml on embedded SQLite
+	$(BIN)/multiverse serve --config $(CONFIG)
+
+test: $(BIN)/multiverse         ## install what the tests need and run the whole suite
+	$(BIN)/python -m pytest -q
+
+lint: $(BIN)/multiverse
+	$(BIN)/ruff check gateway plugins tests bench
+	$(BIN)/ruff format --check gateway plugins tests bench
+	$(BIN)/mypy
+
+schema: $(BIN)/multiverse       ## regenerate config/gateway.schema.json from the config model
+	$(BIN)/multiverse schema > config/gateway.schema.json
+
+bench: $(BIN)/multiverse        ## direct vs through-the-gateway benchmark (see docs/benchmarks.md)
+	$(BIN)/python bench/bench_proxy.py
+
+clean:
+	rm -rf $(VENV) var .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,210 @@
+"""The aiohttp application: app factory, lifecycle, and the OpenAI endpoints."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+
+from gateway import admin, relay
+from gateway.state import GATEWAY, Gateway
+from gateway.call import Call
+from gateway.config import GatewayConfig
+from gateway.errors import GatewayError
+from gateway.plugins import Plugins
+from gateway.registry import Registry
+
+ENDPOINTS = ("chat/completions", "completions", "embeddings")
+
+
+
+
+def _request_id(request: web.Request) -> str:
+    given = request.headers.get("X-Request-ID")
+    if given and len(given) <= 128 and given.isprintable():
+        return given
+    return os.urandom(12).hex()
+
+
+def _parse(body: bytes) -> dict[str, Any]:
+    if not body:
+        raise GatewayError(400, "the request body is empty; send a JSON object with at least 'model'")
+    try:
+        data = json.loads(body)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise GatewayError(400, f"the request body is not valid JSON ({exc}); send a JSON object") from None
+    if not isinstance(data, dict):
+        raise GatewayError(400, f"the request body must be a JSON object, not {type(data).__name__}")
+    model = data.get("model")
+    if model is None:
+        raise GatewayError(400, "'model' is required; GET /v1/models lists the models served here", param="model")
+    if not isinstance(model, str) or not model:
+        raise GatewayError(400, "'model' must be a non-empty string naming a model", param="model")
+    if "stream" in data and not isinstance(data["stream"], bool):
+        raise GatewayError(400, "'stream' must be true or false", param="stream")
+    return data
+
+
+def _proxy_handler(endpoint: str) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+    async def handle(request: web.Request) -> web.StreamResponse:
+        gateway = request.app[GATEWAY]
+        request_id = _request_id(request)
+        body = await request.read()
+        try:
+            call = Call(request, request_id, endpoint, body, _parse(body))
+        except GatewayError as exc:
+            gateway.log.info("request_rejected", request_id=request_id, endpoint=endpoint, reason=exc.message)
+            return exc.to_response({"X-Request-ID": request_id})
+        return await _serve(gateway, call)
+
+    return handle
+
+
+async def _serve(gateway: Gateway, call: Call) -> web.StreamResponse:
+    plugins = gateway.plugins
+    gateway.requests_total += 1
+    try:
+        response: web.StreamResponse | None = None
+        if plugins.before_request:
+            response = await plugins.call_first(plugins.before_request, call=call)
+        if response is None:
+            response = await relay.relay(gateway, call)
+        else:
+            call.status = response.status
+        return response
+    except GatewayError as exc:
+        call.status, call.error = exc.status, exc.message
+        return exc.to_response({"X-Request-ID": call.request_id})
+    except asyncio.CancelledError:
+        call.client_disconnected = True
+        raise
+    except Exception as exc:
+        call.status, call.error = 500, f"{type(exc).__name__}: {exc}"
+        gateway.log.exception("request_crashed", request_id=call.request_id)
+        return GatewayError(500, "the gateway failed unexpectedly; see its log for request " + call.request_id).to_response(
+            {"X-Request-ID": call.request_id}
+        )
+    finally:
+        if call.client_disconnected:
+            call.status = call.status or 499
+        if call.status >= 500 or call.error:
+            gateway.requests_failed += 1
+        gateway.log.info(
+            "request",
+            request_id=call.request_id,
+            endpoint=call.endpoint,
+            model=call.model,
+            stream=call.stream,
+            backend=call.backend.name if call.backend else None,
+            status=call.status,
+            attempts=call.attempts,
+            latency_ms=round(call.latency * 1000, 2),
+            error=call.error,
+            client_disconnected=call.client_disconnected or None,
+        )
+        if plugins.request_complete:
+            await plugins.call_all_logged(plugins.request_complete, "request_complete_failed", call=call)
+
+
+async def list_models(request: web.Request) -> web.Response:
+    gateway = request.app[GATEWAY]
+    created = int(gateway.started_at)
+    data = [{"id": m, "object": "model", "created": created, "owned_by": "multiverse"} for m in gateway.registry.models()]
+    return web.json_response({"object": "list", "data": data})
+
+
+async def health(request: web.Request) -> web.Response:
+    gateway = request.app[GATEWAY]
+    database = "ok" if await gateway.registry.ping() else "unavailable"
+    status = 200 if database == "ok" else 503
+    return web.json_response(
+        {"status": "ok" if status == 200 else "degraded", "database": database, "models": len(gateway.registry.models())},
+        status=status,
+    )
+
+
+@web.middleware
+async def error_envelope(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    """Errors raised by aiohttp itself (unknown path, wrong method, body too large) in OpenAI's shape."""
+    try:
+        return await handler(request)
+    except web.HTTPRequestEntityTooLarge as exc:
+        limit = request.app[GATEWAY].config.server.max_body_bytes
+        del exc
+        return GatewayError(
+            413, f"the request body is larger than {limit} bytes; send less, or raise server.max_body_bytes"
+        ).to_response()
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        if exc.status == 404:
+            message = f"no such endpoint: {request.method} {request.path}; the OpenAI API is under /v1"
+        elif exc.status == 405:
+            message = f"{request.method} is not allowed on {request.path}"
+        else:
+            message = exc.text or exc.reason
+        return GatewayError(exc.status, message).to_response()
+
+
+async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
+    gateway = app[GATEWAY]
+    routing = gateway.config.routing
+    await gateway.registry.open()
+    gateway.admin_key = admin.resolve_admin_key(gateway.config, gateway.log)
+    gateway._http = aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=60),
+        timeout=aiohttp.ClientTimeout(total=None, sock_connect=routing.connect_timeout, sock_read=routing.read_timeout),
+        auto_decompress=False,
+        cookie_jar=aiohttp.DummyCookieJar(),
+        skip_auto_headers=("User-Agent",),
+    )
+    try:
+        await gateway.plugins.call_all("startup", gateway=gateway)
+        yield
+    finally:
+        for plugin, fn in gateway.plugins.impls("shutdown"):
+            try:
+                result = fn(gateway=gateway)
+                if asyncio.iscoroutine(result):
+                    await result
+            except Exception:
+                gateway.log.exception("shutdown_failed", plugin=plugin)
+        await gateway._http.close()
+        await gateway.registry.close()
+
+
+def create_app(config: GatewayConfig) -> web.Application:
+    """A gateway application for ``config``; nothing global, so tests can run several."""
+    plugins = Plugins(config)
+    gateway = Gateway(config, plugins, Registry(config.database_path, config.backends))
+    app = web.Application(middlewares=[error_envelope], client_max_size=config.server.max_body_bytes)
+    app[GATEWAY] = gateway
+    app.cleanup_ctx.append(_lifecycle)
+    app.router.add_get("/v1/models", list_models)
+    for endpoint in ENDPOINTS:
+        app.router.add_post(f"/v1/{endpoint}", _proxy_handler(endpoint))
+    app.router.add_get("/health", health)
+    admin.add_routes(app)
+    return app
+
+
+def serve(config: GatewayConfig) -> None:
+    """Run the gateway until interrupted. A client that hangs up cancels its upstream request."""
+    app = create_app(config)
+    gateway = app[GATEWAY]
+    gateway.log.info("gateway_starting", host=config.server.host, port=config.server.port)
+    web.run_app(
+        app,
+        host=config.server.host,
+        port=config.server.port,
+        handler_cancellation=True,
+        access_log=None,
+        print=lambda *_: None,
+    )

@@ -1,0 +1,129 @@
+"""The ``multiverse`` command."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+from gateway import __version__
+from gateway.config import ConfigError, GatewayConfig, load, parse, schema
+
+DEFAULT_CONFIG = "gateway.yaml"
+
+
+def _load(path: str | None) -> GatewayConfig:
+    if path is not None:
+        return load(path)
+    if Path(DEFAULT_CONFIG).exists():
+        return load(DEFAULT_CONFIG)
+    return parse({})
+
+
+def _fail(exc: ConfigError, path: str | None) -> int:
+    print(f"{path or 'configuration'}: {len(exc.problems)} problem(s):", file=sys.stderr)
+    for problem in exc.problems:
+        print(f"  - {problem}", file=sys.stderr)
+    return 2
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from gateway import logs
+    from gateway.app import serve
+
+    try:
+        config = _load(args.config)
+        server = dataclasses.replace(
+            config.server,
+            host=args.host or config.server.host,
+            port=args.port if args.port is not None else config.server.port,
+        )
+        base_dir = config.base_dir
+        config = dataclasses.replace(config, server=server)
+        object.__setattr__(config, "base_dir", base_dir)
+        logs.configure(config.logging.level, config.logging.format)
+        serve(config)
+    except ConfigError as exc:
+        return _fail(exc, args.config)
+    return 0
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    from gateway.plugins import Plugins
+
+    try:
+        config = load(args.path)
+        Plugins(config)  # imports the named plugins and validates their options
+    except ConfigError as exc:
+        return _fail(exc, args.path)
+    print(f"{args.path}: OK")
+    return 0
+
+
+def cmd_plugins(args: argparse.Namespace) -> int:
+    from gateway.plugins import Plugins
+
+    try:
+        config = _load(args.config)
+        infos = Plugins(config).describe(config)
+    except ConfigError as exc:
+        return _fail(exc, args.config)
+    if args.json:
+        print(json.dumps([dataclasses.asdict(i) for i in infos], indent=2))
+        return 0
+    width = max(len(i.name) for i in infos)
+    for info in infos:
+        state = "enabled " if info.enabled else "disabled"
+        print(f"{info.name:<{width}}  {state}  {info.source}\n{'':<{width}}  hooks: {', '.join(info.hooks) or '-'}")
+    return 0
+
+
+def cmd_demo_backend(args: argparse.Namespace) -> int:
+    from gateway import demo
+
+    demo.run(args.host, args.port, args.model, args.delay)
+    return 0
+
+
+def cmd_schema(_: argparse.Namespace) -> int:
+    print(json.dumps(schema(), indent=2))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="multiverse", description="Multiverse Gateway: one OpenAI-compatible URL for many backends.")
+    parser.add_argument("--version", action="version", version=f"multiverse {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run the gateway")
+    serve.add_argument("--config", help=f"config file (default: ./{DEFAULT_CONFIG} if present)")
+    serve.add_argument("--host", help="address to bind (overrides server.host)")
+    serve.add_argument("--port", type=int, help="port to bind (overrides server.port)")
+    serve.set_defaults(func=cmd_serve)
+
+    check = sub.add_parser("check-config", help="validate a config file and its plugins' options")
+    check.add_argument("path")
+    check.set_defaults(func=cmd_check_config)
+
+    plugins = sub.add_parser("plugins", help="list plugins: where each comes from, enabled or not, its hooks")
+    plugins.add_argument("--config", help=f"config file (default: ./{DEFAULT_CONFIG} if present)")
+    plugins.add_argument("--json", action="store_true", help="machine-readable output")
+    plugins.set_defaults(func=cmd_plugins)
+
+    demo = sub.add_parser("demo-backend", help="start a tiny OpenAI-compatible echo server to try the gateway")
+    demo.add_argument("--host", default="127.0.0.1")
+    demo.add_argument("--port", type=int, default=9000)
+    demo.add_argument("--model", default="echo")
+    demo.add_argument("--delay", type=float, default=0.05, help="seconds between streamed words")
+    demo.set_defaults(func=cmd_demo_backend)
+
+    schema_cmd = sub.add_parser("schema", help="print the JSON Schema of gateway.yaml")
+    schema_cmd.set_defaults(func=cmd_schema)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.func(args))

@@ -1,0 +1,221 @@
+"""The ``gateway.yaml`` model: typed, validated, with ``${ENV_VAR}`` interpolation."""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import urlsplit
+
+import yaml
+
+from gateway.validate import ValidationError, build, json_schema
+
+DEFAULT_PLUGINS = ("round_robin",)
+"""Plugins that run whether or not ``plugins:`` names them."""
+
+MIN_ADMIN_KEY_LENGTH = 16
+
+
+def _positive(value: float) -> str | None:
+    return None if value > 0 else f"must be greater than 0, got {value}"
+
+
+def _port(value: int) -> str | None:
+    return None if 0 <= value <= 65535 else f"must be a port number 0-65535, got {value}"
+
+
+def _http_url(value: str) -> str | None:
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        return f"must be an http:// or https:// URL with a host, got {value!r}"
+    return None
+
+
+def _admin_key(value: str | None) -> str | None:
+    if value is not None and len(value) < MIN_ADMIN_KEY_LENGTH:
+        return (
+            f"the admin key is {len(value)} characters; it must be at least "
+            f"{MIN_ADMIN_KEY_LENGTH} (or leave it unset and the gateway generates one)"
+        )
+    return None
+
+
+def _models(value: list[str]) -> str | None:
+    return None if value and all(value) else "must list at least one model name"
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """Where the gateway listens."""
+
+    host: str = field(default="127.0.0.1", metadata={"doc": "address to bind"})
+    port: int = field(default=8000, metadata={"doc": "TCP port", "check": _port})
+    max_body_bytes: int = field(
+        default=8 * 1024 * 1024,
+        metadata={"doc": "largest request body accepted (413 beyond)", "check": _positive},
+    )
+
+
+@dataclass(frozen=True)
+class StorageConfig:
+    """The embedded registry database."""
+
+    sqlite: str = field(
+        default="./var/gateway.db",
+        metadata={"doc": "SQLite file, relative to this config file; the admin key file sits beside it"},
+    )
+
+
+@dataclass(frozen=True)
+class AdminConfig:
+    """The admin API."""
+
+    api_key: str | None = field(
+        default=None,
+        metadata={
+            "doc": "admin key, at least 16 characters; unset: generated on first start",
+            "check": _admin_key,
+        },
+    )
+
+
+@dataclass(frozen=True)
+class BackendConfig:
+    """A backend known from the config file (read-only through the admin API)."""
+
+    name: str = field(metadata={"doc": "a unique name for logs and /admin/servers"})
+    url: str = field(metadata={"doc": "base URL of an OpenAI-compatible server", "check": _http_url})
+    models: list[str] = field(metadata={"doc": "models this backend serves", "check": _models})
+
+
+@dataclass(frozen=True)
+class RoutingConfig:
+    """How a backend is chosen and how long the gateway waits for it."""
+
+    strategy: str = field(default="round_robin", metadata={"doc": "a strategy registered by a plugin"})
+    max_attempts: int = field(
+        default=3, metadata={"doc": "backends tried per request before giving up", "check": _positive}
+    )
+    connect_timeout: float = field(
+        default=5.0, metadata={"doc": "seconds to open a connection to a backend", "check": _positive}
+    )
+    read_timeout: float = field(
+        default=300.0,
+        metadata={"doc": "seconds of silence allowed between two chunks of a response", "check": _positive},
+    )
+
+
+@dataclass(frozen=True)
+class LoggingConfig:
+    """Structured logs."""
+
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    format: Literal["auto", "json", "console"] = field(
+        default="auto", metadata={"doc": "auto: console on a terminal, JSON otherwise"}
+    )
+
+
+@dataclass(frozen=True)
+class GatewayConfig:
+    """Multiverse Gateway configuration (gateway.yaml)."""
+
+    server: ServerConfig = field(default_factory=ServerConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
+    admin: AdminConfig = field(default_factory=AdminConfig)
+    backends: list[BackendConfig] = field(default_factory=list)
+    routing: RoutingConfig = field(default_factory=RoutingConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    plugins: dict[str, dict[str, Any] | None] = field(
+        default_factory=dict,
+        metadata={"doc": "plugins to enable, by name, file path or module, each with its options"},
+    )
+    base_dir: Path = field(default=Path("."), init=False, compare=False)
+
+    def resolve(self, path: str) -> Path:
+        """A path from the config, relative to the config file's folder."""
+        candidate = Path(path).expanduser()
+        return candidate if candidate.is_absolute() else self.base_dir / candidate
+
+    @property
+    def database_path(self) -> Path:
+        return self.resolve(self.storage.sqlite)
+
+    @property
+    def admin_key_path(self) -> Path:
+        return self.database_path.parent / "admin.key"
+
+
+class ConfigError(ValidationError):
+    """The config file has problems; each is a line ``yaml.path: problem (hint)``."""
+
+
+_ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+def interpolate(value: Any) -> Any:
+    """Replace ``${VAR}`` and ``${VAR:-default}`` in every string of parsed YAML.
+
+    A value that is exactly ``${VAR}`` with VAR unset becomes null, so an optional
+    setting can name a variable that is not always set.
+    """
+    if isinstance(value, dict):
+        return {k: interpolate(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [interpolate(v) for v in value]
+    if not isinstance(value, str) or "${" not in value:
+        return value
+    whole = _ENV.fullmatch(value)
+    if whole and whole.group(2) is None and whole.group(1) not in os.environ:
+        return None
+    return _ENV.sub(lambda m: os.environ.get(m.group(1), m.group(2) or ""), value)
+
+
+def parse(data: Any, base_dir: Path = Path(".")) -> GatewayConfig:
+    """Validate already-parsed YAML; raise ConfigError listing every problem."""
+    try:
+        config = build(GatewayConfig, interpolate(data))
+    except ValidationError as exc:
+        raise ConfigError(exc.problems) from None
+    problems = _cross_checks(config)
+    if problems:
+        raise ConfigError(problems)
+    object.__setattr__(config, "base_dir", base_dir)
+    return config
+
+
+def _cross_checks(config: GatewayConfig) -> list[str]:
+    problems = []
+    seen: set[str] = set()
+    for i, backend in enumerate(config.backends):
+        if backend.name in seen:
+            problems.append(f"backends[{i}].name: '{backend.name}' is used twice; names must be unique")
+        seen.add(backend.name)
+    return problems
+
+
+def load(path: str | Path) -> GatewayConfig:
+    """Read and validate a config file."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError([f"{path}: cannot read the config file ({exc.strerror})"]) from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "somewhere"
+        reason = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError([f"{path}: not valid YAML at {where}: {reason}"]) from None
+    return parse(data, base_dir=path.resolve().parent)
+
+
+def schema() -> dict[str, Any]:
+    """The JSON Schema of gateway.yaml, for editors."""
+    out = json_schema(GatewayConfig)
+    out["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    out["title"] = "Multiverse Gateway configuration"
+    return out

@@ -1,0 +1,64 @@
+"""structlog set-up: one JSON line per event off a terminal, secrets always redacted."""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import sys
+from collections.abc import MutableMapping
+from typing import Any
+
+import structlog
+
+REDACTED = "[redacted]"
+_SECRET_KEY = re.compile(r"(api[_-]?key|authorization|token|secret|password)", re.IGNORECASE)
+_BEARER = re.compile(r"(Bearer\s+)[^\s\"',]+", re.IGNORECASE)
+_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
+
+
+def redact(value: Any, key: str = "") -> Any:
+    """Return ``value`` with secrets replaced: by key name, and bearer tokens inside text."""
+    if key and _SECRET_KEY.search(key):
+        return REDACTED if value else value
+    if isinstance(value, str):
+        return _BEARER.sub(r"\1" + REDACTED, value) if "earer" in value else value
+    if isinstance(value, dict):
+        return {k: redact(v, str(k)) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [redact(v) for v in value]
+    return value
+
+
+def _redact_processor(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    for key, value in event.items():
+        if isinstance(value, str | dict | list | tuple) or _SECRET_KEY.search(key):
+            event[key] = redact(value, key)
+    return event
+
+
+def configure(level: str = "info", fmt: str = "auto") -> None:
+    """Configure structlog once per process."""
+    as_json = fmt == "json" or (fmt == "auto" and not sys.stdout.isatty())
+    renderer: Any = (
+        structlog.processors.JSONRenderer(serializer=json.dumps)
+        if as_json
+        else structlog.dev.ConsoleRenderer(colors=sys.stdout.isatty())
+    )
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            structlog.processors.format_exc_info,
+            _redact_processor,
+            renderer,
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(_LEVELS[level]),
+        logger_factory=structlog.WriteLoggerFactory(file=sys.stdout),
+        cache_logger_on_first_use=True,
+    )
+
+
+def get_logger(name: str = "gateway") -> Any:
+    return structlog.get_logger(name)

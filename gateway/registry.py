@@ -1,0 +1,237 @@
+"""Backends: static ones from the config and registered ones kept in SQLite.
+
+Reads on the request path come from memory (``for_model``); every write goes to
+SQLite first (WAL mode) and to memory once committed, so an acknowledged
+registration survives a crash of the process.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiosqlite
+
+from gateway.config import BackendConfig
+
+UNKNOWN, HEALTHY, UNHEALTHY = "unknown", "healthy", "unhealthy"
+ROUTABLE = frozenset({UNKNOWN, HEALTHY})
+"""Statuses a request may be routed to; an unprobed backend is given the benefit of the doubt."""
+
+SCHEMA_VERSION = 1
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS backends (
+    id           TEXT PRIMARY KEY,
+    name         TEXT NOT NULL,
+    url          TEXT NOT NULL UNIQUE,
+    models       TEXT NOT NULL,
+    owner_name   TEXT,
+    owner_email  TEXT,
+    description  TEXT,
+    status       TEXT NOT NULL DEFAULT 'unknown',
+    last_error   TEXT,
+    status_since REAL,
+    created_at   REAL NOT NULL,
+    updated_at   REAL NOT NULL
+);
+"""
+EDITABLE = ("name", "url", "models", "owner_name", "owner_email", "description")
+
+
+@dataclass(eq=False, slots=True)
+class Backend:
+    """A server that serves one or more models. Counters are runtime-only."""
+
+    id: str
+    name: str
+    url: str
+    models: tuple[str, ...]
+    source: str
+    owner_name: str | None = None
+    owner_email: str | None = None
+    description: str | None = None
+    status: str = UNKNOWN
+    last_error: str | None = None
+    status_since: float = field(default_factory=time.time)
+    created_at: float = field(default_factory=time.time)
+    in_flight: int = 0
+    served: int = 0
+    failed: int = 0
+
+    @property
+    def routable(self) -> bool:
+        return self.status in ROUTABLE
+
+    @property
+    def read_only(self) -> bool:
+        return self.source == "config"
+
+    def public(self) -> dict[str, Any]:
+        """What the admin API shows."""
+        return {
+            "registration_id": self.id,
+            "name": self.name,
+            "endpoint_url": self.url,
+            "models": list(self.models),
+            "source": self.source,
+            "read_only": self.read_only,
+            "owner_name": self.owner_name,
+            "owner_email": self.owner_email,
+            "description": self.description,
+            "status": self.status,
+            "last_error": self.last_error,
+            "status_since": self.status_since,
+            "in_flight": self.in_flight,
+            "requests_served": self.served,
+            "requests_failed": self.failed,
+        }
+
+
+class Registry:
+    """All backends, indexed by model for the request path."""
+
+    def __init__(self, db_path: Path, static: Iterable[BackendConfig] = ()) -> None:
+        self.db_path = db_path
+        self._db: aiosqlite.Connection | None = None
+        self.backends: dict[str, Backend] = {}
+        for conf in static:
+            backend = Backend(f"config:{conf.name}", conf.name, conf.url.rstrip("/"), tuple(conf.models), "config")
+            self.backends[backend.id] = backend
+        self._by_model: dict[str, tuple[Backend, ...]] = {}
+
+    async def open(self) -> None:
+        self.db_path.parent.mkdir(parents=True, exist_ok=True)
+        self._db = await aiosqlite.connect(self.db_path)
+        self._db.row_factory = aiosqlite.Row
+        await self._db.execute("PRAGMA journal_mode=WAL")
+        await self._db.execute("PRAGMA synchronous=NORMAL")
+        await self._db.execute("PRAGMA busy_timeout=5000")
+        await self._db.executescript(_SCHEMA)
+        await self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+        await self._db.commit()
+        async with self._db.execute("SELECT * FROM backends ORDER BY created_at") as cursor:
+            async for row in cursor:
+                backend = Backend(
+                    row["id"], row["name"], row["url"], tuple(json.loads(row["models"])), "api",
+                    row["owner_name"], row["owner_email"], row["description"],
+                    last_error=row["last_error"], created_at=row["created_at"],
+                )  # fmt: skip
+                self.backends[backend.id] = backend
+        self._reindex()
+
+    async def close(self) -> None:
+        if self._db is not None:
+            await self._db.close()
+            self._db = None
+
+    @property
+    def db(self) -> aiosqlite.Connection:
+        if self._db is None:
+            raise RuntimeError("registry is not open")
+        return self._db
+
+    async def ping(self) -> bool:
+        """Whether the database answers."""
+        try:
+            async with self.db.execute("SELECT 1") as cursor:
+                return (await cursor.fetchone()) is not None
+        except Exception:
+            return False
+
+    # -- the request path: memory only ---------------------------------------
+
+    def for_model(self, model: str) -> tuple[Backend, ...]:
+        """Routable backends serving ``model``, in registration order."""
+        return self._by_model.get(model, ())
+
+    def models(self) -> list[str]:
+        """Models served by at least one routable backend."""
+        return sorted(self._by_model)
+
+    def all_models(self) -> list[str]:
+        """Models of every backend, routable or not."""
+        return sorted({m for b in self.backends.values() for m in b.models})
+
+    def by_url(self, url: str) -> Backend | None:
+        url = url.rstrip("/")
+        return next((b for b in self.backends.values() if b.url == url), None)
+
+    def _reindex(self) -> None:
+        index: dict[str, list[Backend]] = {}
+        for backend in self.backends.values():
+            if backend.routable:
+                for model in backend.models:
+                    index.setdefault(model, []).append(backend)
+        self._by_model = {model: tuple(backends) for model, backends in index.items()}
+
+    # -- writes: SQLite first, then memory -------------------------------------
+
+    async def add(self, url: str, models: Iterable[str], name: str | None = None, **owner: str | None) -> Backend:
+        now = time.time()
+        url = url.rstrip("/")
+        backend = Backend(uuid.uuid4().hex, name or _default_name(url), url, tuple(models), "api", created_at=now)
+        for key, value in owner.items():
+            setattr(backend, key, value)
+        await self.db.execute(
+            "INSERT INTO backends (id, name, url, models, owner_name, owner_email, description,"
+            " status, status_since, created_at, updated_at) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+            (
+                backend.id, backend.name, backend.url, json.dumps(backend.models), backend.owner_name,
+                backend.owner_email, backend.description, backend.status, now, now, now,
+            ),
+        )  # fmt: skip
+        await self.db.commit()
+        self.backends[backend.id] = backend
+        self._reindex()
+        return backend
+
+    async def update(self, backend: Backend, changes: dict[str, Any]) -> Backend:
+        """Apply ``changes`` (keys from EDITABLE) to a registered backend."""
+        if "url" in changes:
+            changes["url"] = changes["url"].rstrip("/")
+        if "models" in changes:
+            changes["models"] = tuple(changes["models"])
+        columns = {k: json.dumps(v) if k == "models" else v for k, v in changes.items() if k in EDITABLE}
+        if columns:
+            assignments = ", ".join(f"{k} = ?" for k in columns)
+            await self.db.execute(
+                f"UPDATE backends SET {assignments}, updated_at = ? WHERE id = ?",
+                (*columns.values(), time.time(), backend.id),
+            )
+            await self.db.commit()
+        for key in columns:
+            setattr(backend, key, changes[key])
+        if "url" in columns:
+            backend.status, backend.last_error, backend.status_since = UNKNOWN, None, time.time()
+        self._reindex()
+        return backend
+
+    async def remove(self, backend: Backend) -> None:
+        await self.db.execute("DELETE FROM backends WHERE id = ?", (backend.id,))
+        await self.db.commit()
+        self.backends.pop(backend.id, None)
+        self._reindex()
+
+    async def set_status(self, backend: Backend, status: str, error: str | None = None) -> None:
+        """Record a health transition (for a config backend, in memory only)."""
+        now = time.time()
+        if backend.source == "api" and backend.id in self.backends:
+            await self.db.execute(
+                "UPDATE backends SET status = ?, last_error = ?, status_since = ? WHERE id = ?",
+                (status, error, now, backend.id),
+            )
+            await self.db.commit()
+        backend.status, backend.last_error, backend.status_since = status, error, now
+        self._reindex()
+
+
+def _default_name(url: str) -> str:
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    return parts.netloc or url

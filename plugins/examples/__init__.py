@@ -1,0 +1,1 @@
+"""Example plugins that docs/plugins.md walks through."""

@@ -1,0 +1,103 @@
+"""A fake OpenAI backend: a real aiohttp server whose behaviour the tests set per request.
+
+``mode`` decides what the next requests get: "ok" answers like the demo backend;
+"error" returns ``error_status``; "hang" never answers; "die_after" streams
+``die_after`` chunks then drops the connection. Every request is recorded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import web
+
+from gateway.demo import chunk_body, completion_body, embedding_body, error_body, prompt_text
+
+
+@dataclass
+class Seen:
+    path: str
+    headers: dict[str, str]
+    body: bytes
+
+
+@dataclass
+class FakeBackend:
+    models: list[str] = field(default_factory=lambda: ["echo"])
+    mode: str = "ok"
+    error_status: int = 500
+    error_payload: dict[str, Any] | None = None
+    chunks: int | None = None  # stream this many chunks instead of the prompt's words
+    delay: float = 0.0  # seconds between streamed chunks
+    first_delay: float = 0.0  # seconds before the first chunk
+    die_after: int = 2
+    models_status: int = 200
+    seen: list[Seen] = field(default_factory=list)
+    cancelled: int = 0
+    url: str = ""
+
+    def app(self) -> web.Application:
+        app = web.Application()
+        app.router.add_get("/v1/models", self._models)
+        app.router.add_get("/health", self._health)
+        for path in ("chat/completions", "completions", "embeddings"):
+            app.router.add_post(f"/v1/{path}", self._handle)
+        return app
+
+    async def _models(self, request: web.Request) -> web.Response:
+        if self.mode == "hang":
+            await asyncio.sleep(3600)
+        data = [{"id": m, "object": "model", "created": 0, "owned_by": "fake"} for m in self.models]
+        return web.json_response({"object": "list", "data": data}, status=self.models_status)
+
+    async def _health(self, _: web.Request) -> web.Response:
+        return web.json_response({"status": "ok"}, status=self.models_status)
+
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
+        raw = await request.read()
+        self.seen.append(Seen(request.path, dict(request.headers), raw))
+        try:
+            return await self._answer(request, raw)
+        except asyncio.CancelledError:
+            self.cancelled += 1
+            raise
+
+    async def _answer(self, request: web.Request, raw: bytes) -> web.StreamResponse:
+        if self.mode == "hang":
+            await asyncio.sleep(3600)
+        if self.mode == "error":
+            payload = self.error_payload or {"error": {"message": f"fake failure {self.error_status}", "type": "server_error"}}
+            return web.json_response(payload, status=self.error_status)
+        body = json.loads(raw)
+        if body.get("model") not in self.models:
+            return web.json_response(error_body(f"fake serves {self.models}"), status=404)
+        kind = "chat" if request.path.endswith("chat/completions") else "text"
+        if request.path.endswith("embeddings"):
+            raw_input = body.get("input", "")
+            inputs = [raw_input] if isinstance(raw_input, str) else list(map(str, raw_input))
+            return web.json_response(embedding_body(body["model"], inputs, body.get("encoding_format", "float")))
+        prompt = prompt_text(body)
+        words = [f"w{i}" for i in range(self.chunks)] if self.chunks is not None else prompt.split()
+        if not body.get("stream"):
+            return web.json_response(completion_body(kind, body["model"], " ".join(words), prompt))
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+        await response.prepare(request)
+        await asyncio.sleep(self.first_delay)
+        chunk_id = f"chatcmpl-{uuid.uuid4().hex[:12]}"
+        for i, word in enumerate(words):
+            if self.mode == "die_after" and i == self.die_after:
+                assert request.transport is not None
+                request.transport.abort()
+                return response
+            if i:
+                await asyncio.sleep(self.delay)
+            piece = word if i == 0 else " " + word
+            await response.write(b"data: " + json.dumps(chunk_body(kind, body["model"], piece, chunk_id)).encode() + b"\n\n")
+        await response.write(b"data: " + json.dumps(chunk_body(kind, body["model"], "", chunk_id, "stop")).encode() + b"\n\n")
+        await response.write(b"data: [DONE]\n\n")
+        await response.write_eof()
+        return response
