@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import inspect
+import re
 import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, is_dataclass
@@ -59,12 +60,14 @@ class Plugins:
                 self.sources[name] = source
             except ValidationError as exc:
                 problems.extend(exc.problems)
+            except pluggy.PluginValidationError as exc:
+                problems.append(_hook_problem(name, exc))
         if problems:
             raise ConfigError(problems)
         try:
             self.pm.check_pending()
         except pluggy.PluginValidationError as exc:
-            raise ConfigError([f"plugins.{exc.plugin_name}: {exc}"]) from None
+            raise ConfigError([_hook_problem(str(exc.plugin), exc)]) from None
         self.strategies = self._collect_strategies()
         if config.routing.strategy not in self.strategies:
             hint = did_you_mean(config.routing.strategy, self.strategies)
@@ -87,7 +90,7 @@ class Plugins:
     def _collect_strategies(self) -> dict[str, Strategy]:
         strategies: dict[str, Strategy] = {}
         owners: dict[str, str] = {}
-        for plugin, fn in self.impls("register_strategies"):
+        for plugin, fn in reversed(self.impls("register_strategies")):  # built-ins first
             for name, strategy in (fn() or {}).items():
                 if name in strategies:
                     raise ConfigError([f"plugins.{plugin}: strategy '{name}' is already offered by {owners[name]}"])
@@ -136,6 +139,14 @@ class Plugins:
             if name not in self.sources:
                 infos.append(PluginInfo(name, source, False, _hooks_in(module)))
         return infos
+
+
+def _hook_problem(name: str, exc: pluggy.PluginValidationError) -> str:
+    match = re.search(r"unknown hook '(\w+)'", str(exc))
+    if match:
+        hint = did_you_mean(match.group(1), [n for n in dir(hookspecs) if hasattr(getattr(hookspecs, n), f"{PROJECT}_spec")])
+        return f"plugins.{name}: unknown hook '{match.group(1)}'{hint}; the hooks are in gateway/hookspecs.py"
+    return f"plugins.{name}: {exc}"
 
 
 def available() -> Iterator[tuple[str, str, ModuleType | Any]]:
