@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from gateway import __version__
-from gateway.config import ConfigError, GatewayConfig, load, parse, schema
+from gateway.config import ConfigError, GatewayConfig, load, parse
 
 DEFAULT_CONFIG = "gateway.yaml"
 
@@ -88,7 +88,9 @@ def cmd_demo_backend(args: argparse.Namespace) -> int:
 
 
 def cmd_schema(_: argparse.Namespace) -> int:
-    print(json.dumps(schema(), indent=2))
+    from gateway.plugins import config_schema
+
+    print(json.dumps(config_schema(), indent=2))
     return 0
 
 

@@ -215,3 +215,18 @@ def _instantiate(module: ModuleType | Any, name: str, options: dict[str, Any] | 
     if inspect.isclass(plugin_cls):
         return plugin_cls(parsed) if parsed is not None else plugin_cls()
     return module
+
+
+def config_schema() -> dict[str, Any]:
+    """The JSON Schema of gateway.yaml, with the options of every built-in plugin."""
+    from gateway.config import schema
+    from gateway.validate import json_schema
+
+    out = schema()
+    plugins = out["properties"]["plugins"]
+    plugins["properties"] = {}
+    for name, module_name in BUILTIN.items():
+        options = getattr(importlib.import_module(module_name), "Options", None)
+        plugins["properties"][name] = json_schema(options) if options else {"type": "null"}
+        plugins["properties"][name] = {"anyOf": [plugins["properties"][name], {"type": "null"}]}
+    return out
