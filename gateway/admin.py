@@ -20,7 +20,6 @@ from gateway.registry import HEALTHY, UNHEALTHY, UNKNOWN, Backend
 from gateway.state import GATEWAY, Gateway
 from gateway.validate import ValidationError, build
 
-
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 STATUSES = (HEALTHY, UNHEALTHY, UNKNOWN)
 
@@ -65,7 +64,8 @@ def resolve_admin_key(config: GatewayConfig, log: Any) -> str:
     if path.exists():
         key = path.read_text(encoding="utf-8").strip()
         if len(key) < MIN_ADMIN_KEY_LENGTH:
-            raise ConfigError([f"admin.api_key: the key in {path} is shorter than {MIN_ADMIN_KEY_LENGTH} characters; delete the file to generate a new one"])
+            problem = f"the key in {path} is shorter than {MIN_ADMIN_KEY_LENGTH} characters"
+            raise ConfigError([f"admin.api_key: {problem}; delete the file to generate a new one"])
         return key
     key = secrets.token_urlsafe(32)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -75,7 +75,7 @@ def resolve_admin_key(config: GatewayConfig, log: Any) -> str:
     log.warning(
         "admin_key_generated",
         path=str(path),
-        how_to_use=f"send it as the X-API-Key header: curl -H \"X-API-Key: $(cat {path})\" ...",
+        how_to_use=f'send it as the X-API-Key header: curl -H "X-API-Key: $(cat {path})" ...',
         note="set admin.api_key in gateway.yaml (or MULTIVERSE_ADMIN_KEY) to choose your own",
     )
     return key
@@ -98,7 +98,7 @@ def admin_only(handler: Callable[[web.Request, Gateway], Awaitable[web.StreamRes
             return GatewayError(
                 401,
                 f"the admin key {reason}; send it as 'X-API-Key: <key>' or 'Authorization: Bearer <key>' "
-                f"(it is admin.api_key in the config, or the file {gateway.config.admin_key_path.name} beside the database)",
+                f"(admin.api_key in the config, or the file {gateway.config.admin_key_path.name} beside the database)",
                 code="invalid_admin_key",
             ).to_response()
         try:
@@ -170,7 +170,9 @@ async def register(request: web.Request, gateway: Gateway) -> web.Response:
     else:
         backend = await gateway.registry.add(body.endpoint_url, models, body.name, **owner)
         status = 201
-    gateway.log.info("backend_registered", registration_id=backend.id, backend=backend.name, models=list(backend.models))
+    gateway.log.info(
+        "backend_registered", registration_id=backend.id, backend=backend.name, models=list(backend.models)
+    )
     return web.json_response({"registration_id": backend.id, **backend.public()}, status=status)
 
 
@@ -179,7 +181,9 @@ def _registered(gateway: Gateway, registration_id: str) -> Backend:
     if backend is None:
         raise GatewayError(404, f"no registration with id '{registration_id}'; GET /admin/servers lists them")
     if backend.read_only:
-        raise GatewayError(403, f"backend '{backend.name}' comes from the config file and is read-only; edit gateway.yaml")
+        raise GatewayError(
+            403, f"backend '{backend.name}' comes from the config file and is read-only; edit gateway.yaml"
+        )
     return backend
 
 
@@ -187,7 +191,9 @@ def _registered(gateway: Gateway, registration_id: str) -> Backend:
 async def update(request: web.Request, gateway: Gateway) -> web.Response:
     backend = _registered(gateway, request.match_info["registration_id"])
     body: RegistrationUpdate = _validated(RegistrationUpdate, await _body(request))
-    changes: dict[str, Any] = {k: v for k, v in vars(body).items() if v is not None and k not in ("model_name", "endpoint_url")}
+    changes: dict[str, Any] = {
+        k: v for k, v in vars(body).items() if v is not None and k not in ("model_name", "endpoint_url")
+    }
     if body.endpoint_url:
         other = gateway.registry.by_url(body.endpoint_url)
         if other is not None and other is not backend:
@@ -234,12 +240,14 @@ async def stats(request: web.Request, gateway: Gateway) -> web.Response:
         for model in backend.models:
             counts = models.setdefault(model, dict.fromkeys(STATUSES, 0))
             counts[backend.status] = counts.get(backend.status, 0) + 1
-    return web.json_response({
-        "uptime_seconds": round(time.time() - gateway.started_at, 1),
-        "servers": {"total": len(gateway.registry.backends), **by_status},
-        "models": models,
-        "requests": {"total": gateway.requests_total, "failed": gateway.requests_failed},
-    })
+    return web.json_response(
+        {
+            "uptime_seconds": round(time.time() - gateway.started_at, 1),
+            "servers": {"total": len(gateway.registry.backends), **by_status},
+            "models": models,
+            "requests": {"total": gateway.requests_total, "failed": gateway.requests_failed},
+        }
+    )
 
 
 def add_routes(app: web.Application) -> None:

@@ -12,16 +12,14 @@ import aiohttp
 from aiohttp import web
 
 from gateway import admin, relay
-from gateway.state import GATEWAY, Gateway
 from gateway.call import Call
 from gateway.config import GatewayConfig
 from gateway.errors import GatewayError
 from gateway.plugins import Plugins
 from gateway.registry import Registry
+from gateway.state import GATEWAY, Gateway
 
 ENDPOINTS = ("chat/completions", "completions", "embeddings")
-
-
 
 
 def _request_id(request: web.Request) -> str:
@@ -86,9 +84,9 @@ async def _serve(gateway: Gateway, call: Call) -> web.StreamResponse:
     except Exception as exc:
         call.status, call.error = 500, f"{type(exc).__name__}: {exc}"
         gateway.log.exception("request_crashed", request_id=call.request_id)
-        return GatewayError(500, "the gateway failed unexpectedly; see its log for request " + call.request_id).to_response(
-            {"X-Request-ID": call.request_id}
-        )
+        return GatewayError(
+            500, "the gateway failed unexpectedly; see its log for request " + call.request_id
+        ).to_response({"X-Request-ID": call.request_id})
     finally:
         if call.client_disconnected:
             call.status = call.status or 499
@@ -114,7 +112,9 @@ async def _serve(gateway: Gateway, call: Call) -> web.StreamResponse:
 async def list_models(request: web.Request) -> web.Response:
     gateway = request.app[GATEWAY]
     created = int(gateway.started_at)
-    data = [{"id": m, "object": "model", "created": created, "owned_by": "multiverse"} for m in gateway.registry.models()]
+    data = [
+        {"id": m, "object": "model", "created": created, "owned_by": "multiverse"} for m in gateway.registry.models()
+    ]
     return web.json_response({"object": "list", "data": data})
 
 
@@ -123,7 +123,11 @@ async def health(request: web.Request) -> web.Response:
     database = "ok" if await gateway.registry.ping() else "unavailable"
     status = 200 if database == "ok" else 503
     return web.json_response(
-        {"status": "ok" if status == 200 else "degraded", "database": database, "models": len(gateway.registry.models())},
+        {
+            "status": "ok" if status == 200 else "degraded",
+            "database": database,
+            "models": len(gateway.registry.models()),
+        },
         status=status,
     )
 

@@ -40,9 +40,7 @@ class Call:
         "stream",
     )
 
-    def __init__(
-        self, request: web.Request, request_id: str, endpoint: str, body: bytes, data: dict[str, Any]
-    ) -> None:
+    def __init__(self, request: web.Request, request_id: str, endpoint: str, body: bytes, data: dict[str, Any]) -> None:
         self.request = request
         self.request_id = request_id
         self.endpoint = endpoint

@@ -95,7 +95,9 @@ def cmd_schema(_: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="multiverse", description="Multiverse Gateway: one OpenAI-compatible URL for many backends.")
+    parser = argparse.ArgumentParser(
+        prog="multiverse", description="Multiverse Gateway: one OpenAI-compatible URL for many backends."
+    )
     parser.add_argument("--version", action="version", version=f"multiverse {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 

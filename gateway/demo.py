@@ -44,7 +44,11 @@ def _usage(prompt: str, completion: str) -> dict[str, int]:
 def completion_body(kind: str, model: str, text: str, prompt: str = "") -> dict[str, Any]:
     """A whole chat (``kind='chat'``) or text completion."""
     if kind == "chat":
-        choice: dict[str, Any] = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}
+        choice: dict[str, Any] = {
+            "index": 0,
+            "message": {"role": "assistant", "content": text},
+            "finish_reason": "stop",
+        }
         obj, prefix = "chat.completion", "chatcmpl"
     else:
         choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": "stop"}
@@ -132,7 +136,9 @@ async def embeddings(request: web.Request) -> web.Response:
 
 async def models(request: web.Request) -> web.Response:
     model = request.app[MODEL]
-    return web.json_response({"object": "list", "data": [{"id": model, "object": "model", "created": 0, "owned_by": "demo"}]})
+    return web.json_response(
+        {"object": "list", "data": [{"id": model, "object": "model", "created": 0, "owned_by": "demo"}]}
+    )
 
 
 async def health(_: web.Request) -> web.Response:

@@ -71,11 +71,13 @@ class Plugins:
         self.strategies = self._collect_strategies()
         if config.routing.strategy not in self.strategies:
             hint = did_you_mean(config.routing.strategy, self.strategies)
-            raise ConfigError([
-                f"routing.strategy: no strategy named '{config.routing.strategy}'{hint}; "
-                f"available: {', '.join(sorted(self.strategies))} (a plugin that offers it must be "
-                "listed under plugins:)"
-            ])
+            raise ConfigError(
+                [
+                    f"routing.strategy: no strategy named '{config.routing.strategy}'{hint}; "
+                    f"available: {', '.join(sorted(self.strategies))} (a plugin that offers it must be "
+                    "listed under plugins:)"
+                ]
+            )
         self.strategy: Strategy = self.strategies[config.routing.strategy]
         self.before_request = self.impls("before_request")
         self.filter_candidates = self.impls("filter_candidates")
@@ -132,8 +134,7 @@ class Plugins:
             for impl in getattr(self.pm.hook, name).get_hookimpls():
                 hooks_of.setdefault(impl.plugin_name, set()).add(name)
         infos = [
-            PluginInfo(name, self.sources[name], True, tuple(sorted(hooks_of.get(name, ()))))
-            for name in self.sources
+            PluginInfo(name, self.sources[name], True, tuple(sorted(hooks_of.get(name, ())))) for name in self.sources
         ]
         for name, source, module in available():
             if name not in self.sources:
@@ -144,7 +145,9 @@ class Plugins:
 def _hook_problem(name: str, exc: pluggy.PluginValidationError) -> str:
     match = re.search(r"unknown hook '(\w+)'", str(exc))
     if match:
-        hint = did_you_mean(match.group(1), [n for n in dir(hookspecs) if hasattr(getattr(hookspecs, n), f"{PROJECT}_spec")])
+        hint = did_you_mean(
+            match.group(1), [n for n in dir(hookspecs) if hasattr(getattr(hookspecs, n), f"{PROJECT}_spec")]
+        )
         return f"plugins.{name}: unknown hook '{match.group(1)}'{hint}; the hooks are in gateway/hookspecs.py"
     return f"plugins.{name}: {exc}"
 
@@ -194,18 +197,20 @@ def _import(name: str, base_dir: Path) -> tuple[ModuleType | Any, str]:
         if exc.name is not None and name.startswith(exc.name):
             known = list(BUILTIN) + [ep.name for ep in entry_points(group=ENTRY_POINT_GROUP)]
             hint = did_you_mean(name, known)
-            raise ValidationError([
-                f"{where}: no plugin named '{name}'{hint}; built-in: {', '.join(BUILTIN)}; "
-                "or give a file path (./my_plugin.py), a module path, or install a package "
-                f"with a '{ENTRY_POINT_GROUP}' entry point"
-            ]) from None
+            raise ValidationError(
+                [
+                    f"{where}: no plugin named '{name}'{hint}; built-in: {', '.join(BUILTIN)}; "
+                    "or give a file path (./my_plugin.py), a module path, or install a package "
+                    f"with a '{ENTRY_POINT_GROUP}' entry point"
+                ]
+            ) from None
         raise ValidationError([f"{where}: importing '{name}' failed: {exc}"]) from None
 
 
 def _instantiate(module: ModuleType | Any, name: str, options: dict[str, Any] | None) -> Any:
     where = f"plugins.{name}"
-    options_cls = getattr(module, "Options", None)
-    if options_cls is not None and is_dataclass(options_cls):
+    options_cls: Any = getattr(module, "Options", None)
+    if isinstance(options_cls, type) and is_dataclass(options_cls):
         parsed: Any = build(options_cls, options or {}, where)
     elif options:
         raise ValidationError([f"{where}: this plugin takes no options; remove {', '.join(options)}"])
@@ -213,7 +218,8 @@ def _instantiate(module: ModuleType | Any, name: str, options: dict[str, Any] | 
         parsed = None
     plugin_cls = getattr(module, "Plugin", None)
     if inspect.isclass(plugin_cls):
-        return plugin_cls(parsed) if parsed is not None else plugin_cls()
+        factory: Callable[..., Any] = plugin_cls
+        return factory(parsed) if parsed is not None else factory()
     return module
 
 

@@ -18,9 +18,9 @@ from multidict import CIMultiDict
 from gateway.errors import GatewayError
 
 if TYPE_CHECKING:
-    from gateway.state import Gateway
     from gateway.call import Call
     from gateway.registry import Backend
+    from gateway.state import Gateway
 
 HOP_BY_HOP = frozenset(
     {
@@ -205,5 +205,3 @@ def _describe(exc: BaseException) -> str:
         return "timed out"
     text = str(exc) or type(exc).__name__
     return f"{type(exc).__name__}: {text}" if str(exc) else text
-
-

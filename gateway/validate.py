@@ -182,7 +182,8 @@ def json_schema(tp: Any) -> dict[str, Any]:
         out: dict[str, Any] = {"type": "object", "properties": props, "additionalProperties": False}
         if required:
             out["required"] = required
-        if tp.__doc__ and not tp.__doc__.startswith(tp.__name__ + "("):
+        name = getattr(tp, "__name__", "")
+        if tp.__doc__ and not tp.__doc__.startswith(name + "("):
             out["description"] = tp.__doc__.strip().splitlines()[0]
         return out
     raise TypeError(f"unsupported config type {tp!r}")

@@ -32,7 +32,9 @@ def _path(value: str) -> str | None:
 class Options:
     interval: float = field(default=10.0, metadata={"doc": "seconds between probes", "check": _positive})
     timeout: float = field(default=5.0, metadata={"doc": "seconds a probe may take", "check": _positive})
-    unhealthy_after: int = field(default=3, metadata={"doc": "consecutive failures to mark unhealthy", "check": _positive})
+    unhealthy_after: int = field(
+        default=3, metadata={"doc": "consecutive failures to mark unhealthy", "check": _positive}
+    )
     healthy_after: int = field(default=1, metadata={"doc": "consecutive successes to mark healthy", "check": _positive})
     path: str = field(default="/v1/models", metadata={"doc": "what to GET; /health also works", "check": _path})
 

@@ -70,7 +70,9 @@ class FakeBackend:
         if self.mode == "hang":
             await asyncio.sleep(3600)
         if self.mode == "error":
-            payload = self.error_payload or {"error": {"message": f"fake failure {self.error_status}", "type": "server_error"}}
+            payload = self.error_payload or {
+                "error": {"message": f"fake failure {self.error_status}", "type": "server_error"}
+            }
             return web.json_response(payload, status=self.error_status)
         body = json.loads(raw)
         if body.get("model") not in self.models:
@@ -96,8 +98,12 @@ class FakeBackend:
             if i:
                 await asyncio.sleep(self.delay)
             piece = word if i == 0 else " " + word
-            await response.write(b"data: " + json.dumps(chunk_body(kind, body["model"], piece, chunk_id)).encode() + b"\n\n")
-        await response.write(b"data: " + json.dumps(chunk_body(kind, body["model"], "", chunk_id, "stop")).encode() + b"\n\n")
+            await response.write(
+                b"data: " + json.dumps(chunk_body(kind, body["model"], piece, chunk_id)).encode() + b"\n\n"
+            )
+        await response.write(
+            b"data: " + json.dumps(chunk_body(kind, body["model"], "", chunk_id, "stop")).encode() + b"\n\n"
+        )
         await response.write(b"data: [DONE]\n\n")
         await response.write_eof()
         return response

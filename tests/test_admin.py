@@ -23,7 +23,9 @@ async def _call(method: str, url: str, body: Any = None, headers: dict[str, str]
         ({"Authorization": "Bearer nope-nope-nope-nope"}, "the admin key is not valid"),
     ],
 )
-async def test_admin_endpoints_need_the_key(start_gateway: StartGateway, headers: dict[str, str] | None, fragment: str) -> None:
+async def test_admin_endpoints_need_the_key(
+    start_gateway: StartGateway, headers: dict[str, str] | None, fragment: str
+) -> None:
     gateway = await start_gateway()
     for method, path in [("GET", "/admin/servers"), ("GET", "/admin/stats"), ("POST", "/admin/register"),
                          ("PUT", "/admin/register/x"), ("DELETE", "/admin/register/x")]:  # fmt: skip
@@ -44,10 +46,14 @@ async def test_register_route_update_and_remove(start_backend: StartBackend, sta
     backend = await start_backend(models=["gemma-3-270m"])
     moved = await start_backend(models=["gemma-3-270m", "qwen"])
     gateway = await start_gateway(backends=[])
-    status, created = await _call("POST", gateway.url + "/admin/register", {
-        "endpoint_url": backend.url, "model_name": "gemma-3-270m", "owner_name": "Ada", "owner_email": "ada@example.edu",
+    registration = {
+        "endpoint_url": backend.url,
+        "model_name": "gemma-3-270m",
+        "owner_name": "Ada",
+        "owner_email": "ada@example.edu",
         "description": "RTX 3060 in room 4",
-    })  # fmt: skip
+    }
+    status, created = await _call("POST", gateway.url + "/admin/register", registration)
     assert status == 201
     rid = created["registration_id"]
     assert created["models"] == ["gemma-3-270m"] and created["owner_name"] == "Ada"
@@ -57,7 +63,9 @@ async def test_register_route_update_and_remove(start_backend: StartBackend, sta
     assert len(backend.seen) == 1
 
     # the tunnel URL changed: PUT moves the registration, traffic follows
-    status, updated = await _call("PUT", f"{gateway.url}/admin/register/{rid}", {"endpoint_url": moved.url, "models": ["gemma-3-270m", "qwen"]})
+    status, updated = await _call(
+        "PUT", f"{gateway.url}/admin/register/{rid}", {"endpoint_url": moved.url, "models": ["gemma-3-270m", "qwen"]}
+    )
     assert status == 200 and updated["endpoint_url"] == moved.url and updated["models"] == ["gemma-3-270m", "qwen"]
     assert (await _call("POST", gateway.base_url + "/chat/completions", {**chat, "model": "qwen"}, None))[0] == 200
     assert len(moved.seen) == 1 and len(backend.seen) == 1
@@ -79,11 +87,15 @@ async def test_models_are_discovered_when_not_given(start_backend: StartBackend,
     assert "could not reach" in body["error"]["message"] and "pass 'model_name' or 'models'" in body["error"]["message"]
 
 
-async def test_registering_the_same_url_again_refreshes_it(start_backend: StartBackend, start_gateway: StartGateway) -> None:
+async def test_registering_the_same_url_again_refreshes_it(
+    start_backend: StartBackend, start_gateway: StartGateway
+) -> None:
     backend = await start_backend(models=["a"])
     gateway = await start_gateway(backends=[])
     first = await _call("POST", gateway.url + "/admin/register", {"endpoint_url": backend.url, "model_name": "a"})
-    again = await _call("POST", gateway.url + "/admin/register", {"endpoint_url": backend.url + "/", "models": ["a", "b"]})
+    again = await _call(
+        "POST", gateway.url + "/admin/register", {"endpoint_url": backend.url + "/", "models": ["a", "b"]}
+    )
     assert first[0] == 201 and again[0] == 200
     assert first[1]["registration_id"] == again[1]["registration_id"]
     assert again[1]["models"] == ["a", "b"]
@@ -102,14 +114,18 @@ async def test_registering_the_same_url_again_refreshes_it(start_backend: StartB
         ([1], "must be a JSON object"),
     ],
 )
-async def test_bad_registrations_are_refused_with_the_reason(start_gateway: StartGateway, body: Any, fragment: str) -> None:
+async def test_bad_registrations_are_refused_with_the_reason(
+    start_gateway: StartGateway, body: Any, fragment: str
+) -> None:
     gateway = await start_gateway()
     status, answer = await _call("POST", gateway.url + "/admin/register", body)
     assert status == 400
     assert fragment in answer["error"]["message"]
 
 
-async def test_config_backends_are_listed_but_read_only(start_backend: StartBackend, start_gateway: StartGateway) -> None:
+async def test_config_backends_are_listed_but_read_only(
+    start_backend: StartBackend, start_gateway: StartGateway
+) -> None:
     backend = await start_backend()
     gateway = await start_gateway(backend)
     _, listed = await _call("GET", gateway.url + "/admin/servers")
@@ -118,7 +134,9 @@ async def test_config_backends_are_listed_but_read_only(start_backend: StartBack
     status, body = await _call("PUT", gateway.url + "/admin/register/config:b0", {"description": "x"})
     assert status == 403 and "edit gateway.yaml" in body["error"]["message"]
     assert (await _call("DELETE", gateway.url + "/admin/register/config:b0"))[0] == 403
-    status, body = await _call("POST", gateway.url + "/admin/register", {"endpoint_url": backend.url, "model_name": "x"})
+    status, body = await _call(
+        "POST", gateway.url + "/admin/register", {"endpoint_url": backend.url, "model_name": "x"}
+    )
     assert status == 409
 
 
@@ -138,14 +156,19 @@ async def test_servers_filters_and_stats(start_backend: StartBackend, start_gate
     await _call("POST", gateway.base_url + "/completions", {"model": "b", "prompt": "x"}, None)  # only b1 serves b: 503
     _, stats = await _call("GET", gateway.url + "/admin/stats")
     assert stats["servers"] == {"total": 2, "healthy": 0, "unhealthy": 1, "unknown": 1}
-    assert stats["models"] == {"a": {"healthy": 0, "unhealthy": 1, "unknown": 1}, "b": {"healthy": 0, "unhealthy": 1, "unknown": 0}}
+    assert stats["models"] == {
+        "a": {"healthy": 0, "unhealthy": 1, "unknown": 1},
+        "b": {"healthy": 0, "unhealthy": 1, "unknown": 0},
+    }
     assert stats["requests"] == {"total": 2, "failed": 1}
 
 
 async def test_registrations_survive_a_restart(start_backend: StartBackend, start_gateway: StartGateway) -> None:
     backend = await start_backend(models=["m"])
     first = await start_gateway(backends=[])
-    _, created = await _call("POST", first.url + "/admin/register", {"endpoint_url": backend.url, "model_name": "m", "owner_name": "Lin"})
+    _, created = await _call(
+        "POST", first.url + "/admin/register", {"endpoint_url": backend.url, "model_name": "m", "owner_name": "Lin"}
+    )
     await first.server.close()
 
     second = await start_gateway(backends=[])

@@ -36,7 +36,8 @@ def test_every_problem_is_listed_with_its_path() -> None:
         "backends[0].url: must be an http:// or https:// URL with a host, got 'ftp://x'",
         "backends[0].models: must list at least one model name",
         "logging.level: must be one of 'debug', 'info', 'warning', 'error', got 'verbose'",
-        "admin.api_key: the admin key is 9 characters; it must be at least 16 (or leave it unset and the gateway generates one)",
+        "admin.api_key: the admin key is 9 characters; it must be at least 16"
+        " (or leave it unset and the gateway generates one)",
     ]
 
 
@@ -47,7 +48,9 @@ def test_unknown_top_level_key_suggests_the_right_one() -> None:
 
 def test_duplicate_backend_names_are_refused() -> None:
     backend = {"name": "gpu", "url": "http://h:1", "models": ["m"]}
-    assert _problems({"backends": [backend, backend]}) == ["backends[1].name: 'gpu' is used twice; names must be unique"]
+    assert _problems({"backends": [backend, backend]}) == [
+        "backends[1].name: 'gpu' is used twice; names must be unique"
+    ]
 
 
 def test_environment_variables_are_interpolated(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -92,7 +95,9 @@ def test_check_config_lists_problems_and_exits_non_zero(tmp_path: Path) -> None:
     assert "plugins.helth: no plugin named 'helth'; did you mean 'health'?" in result.stderr
 
 
-@pytest.mark.parametrize("path", ["gateway.yaml", *sorted(str(p.relative_to(ROOT)) for p in (ROOT / "config").glob("*.yaml"))])
+@pytest.mark.parametrize(
+    "path", ["gateway.yaml", *sorted(str(p.relative_to(ROOT)) for p in (ROOT / "config").glob("*.yaml"))]
+)
 def test_shipped_configs_are_valid(path: str) -> None:
     result = _cli("check-config", path)
     assert result.returncode == 0, result.stderr
@@ -110,5 +115,10 @@ def test_schema_file_matches_the_config_model() -> None:
 def test_plugins_command_lists_plugins_as_json() -> None:
     result = _cli("plugins", "--config", "gateway.yaml", "--json")
     listed = {p["name"]: p for p in json.loads(result.stdout)}
-    assert listed["round_robin"] == {"name": "round_robin", "source": "built-in", "enabled": True, "hooks": ["register_strategies"]}
+    assert listed["round_robin"] == {
+        "name": "round_robin",
+        "source": "built-in",
+        "enabled": True,
+        "hooks": ["register_strategies"],
+    }
     assert listed["health"]["enabled"] and listed["health"]["hooks"] == ["shutdown", "startup"]

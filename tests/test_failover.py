@@ -21,7 +21,9 @@ def _dead(models: list[str] | None = None) -> FakeBackend:
     return FakeBackend(models=models or ["echo"], url=closed_port_url())
 
 
-async def test_dead_backend_is_skipped_for_every_request(start_backend: StartBackend, start_gateway: StartGateway) -> None:
+async def test_dead_backend_is_skipped_for_every_request(
+    start_backend: StartBackend, start_gateway: StartGateway
+) -> None:
     good = await start_backend()
     gateway = await start_gateway(_dead(), good)
     for _ in range(6):
@@ -31,7 +33,9 @@ async def test_dead_backend_is_skipped_for_every_request(start_backend: StartBac
     assert len(good.seen) == 6
 
 
-async def test_5xx_fails_over_and_the_next_backend_answers(start_backend: StartBackend, start_gateway: StartGateway) -> None:
+async def test_5xx_fails_over_and_the_next_backend_answers(
+    start_backend: StartBackend, start_gateway: StartGateway
+) -> None:
     broken = await start_backend(mode="error", error_status=502)
     good = await start_backend()
     gateway = await start_gateway(broken, good)
@@ -55,7 +59,9 @@ async def test_when_every_backend_errors_the_last_error_is_passed_on(
     assert len(first.seen) == len(second.seen) == 1
 
 
-async def test_client_errors_are_passed_on_without_retrying(start_backend: StartBackend, start_gateway: StartGateway) -> None:
+async def test_client_errors_are_passed_on_without_retrying(
+    start_backend: StartBackend, start_gateway: StartGateway
+) -> None:
     payload = {"error": {"message": "max_tokens is too large", "type": "invalid_request_error"}}
     first = await start_backend(mode="error", error_status=400, error_payload=payload)
     second = await start_backend(mode="error", error_status=400, error_payload=payload)
@@ -83,7 +89,9 @@ async def test_max_attempts_caps_the_backends_tried(start_backend: StartBackend,
     assert sorted(statuses) == [200, 200, 503]
 
 
-async def test_backend_silent_past_read_timeout_is_failed_over(start_backend: StartBackend, start_gateway: StartGateway) -> None:
+async def test_backend_silent_past_read_timeout_is_failed_over(
+    start_backend: StartBackend, start_gateway: StartGateway
+) -> None:
     hanging = await start_backend(mode="hang")
     good = await start_backend()
     gateway = await start_gateway(hanging, good, routing={"read_timeout": 0.3})

@@ -15,7 +15,9 @@ async def _models(url: str) -> list[str]:
         return [m["id"] for m in (await response.json())["data"]]
 
 
-async def test_failing_backend_goes_unhealthy_then_recovers(start_backend: StartBackend, start_gateway: StartGateway) -> None:
+async def test_failing_backend_goes_unhealthy_then_recovers(
+    start_backend: StartBackend, start_gateway: StartGateway
+) -> None:
     flaky = await start_backend(models=["solo", "shared"])
     steady = await start_backend(models=["shared"])
     gateway = await start_gateway(flaky, steady, plugins=FAST)
@@ -62,7 +64,9 @@ async def test_thresholds_are_respected(start_backend: StartBackend, start_gatew
     assert b0.status == "healthy"
 
 
-async def test_unreachable_and_hanging_backends_are_marked_unhealthy(start_backend: StartBackend, start_gateway: StartGateway) -> None:
+async def test_unreachable_and_hanging_backends_are_marked_unhealthy(
+    start_backend: StartBackend, start_gateway: StartGateway
+) -> None:
     hanging = await start_backend(mode="hang")
     dead = FakeBackend(url=closed_port_url())
     plugins = {"health": {"interval": 0.05, "timeout": 0.2, "unhealthy_after": 1}}
@@ -76,9 +80,13 @@ async def test_unreachable_and_hanging_backends_are_marked_unhealthy(start_backe
 async def test_registered_backend_health_is_persisted(start_backend: StartBackend, start_gateway: StartGateway) -> None:
     backend = await start_backend(models_status=500)
     gateway = await start_gateway(backends=[], plugins={"health": {"interval": 0.05, "unhealthy_after": 1}})
-    async with aiohttp.ClientSession() as session:
-        async with session.post(gateway.url + "/admin/register", json={"endpoint_url": backend.url, "model_name": "echo"}, headers=ADMIN) as r:
-            rid = (await r.json())["registration_id"]
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(
+            gateway.url + "/admin/register", json={"endpoint_url": backend.url, "model_name": "echo"}, headers=ADMIN
+        ) as r,
+    ):
+        rid = (await r.json())["registration_id"]
     registry = gateway.state.registry
     await eventually(lambda: registry.backends[rid].status == "unhealthy")
     async with registry.db.execute("SELECT status, last_error FROM backends WHERE id = ?", (rid,)) as cursor:

@@ -65,23 +65,33 @@ def test_unknown_strategy_lists_the_available_ones() -> None:
 
 
 def test_a_misspelt_hook_fails_at_start_up(tmp_path: Path) -> None:
-    path = write_plugin(tmp_path, """
+    path = write_plugin(
+        tmp_path,
+        """
         from gateway import hookimpl
         @hookimpl
         def register_strategys():
             return {}
-    """)
-    assert "unknown hook 'register_strategys'; did you mean 'register_strategies'?" in _problems({"plugins": {path: None}})
+    """,
+    )
+    assert "unknown hook 'register_strategys'; did you mean 'register_strategies'?" in _problems(
+        {"plugins": {path: None}}
+    )
 
 
 def test_a_strategy_name_offered_twice_is_refused(tmp_path: Path) -> None:
-    path = write_plugin(tmp_path, """
+    path = write_plugin(
+        tmp_path,
+        """
         from gateway import hookimpl
         @hookimpl
         def register_strategies():
             return {"round_robin": lambda candidates, call: candidates}
-    """)
-    assert f"plugins.{path}: strategy 'round_robin' is already offered by round_robin" in _problems({"plugins": {path: None}})
+    """,
+    )
+    assert f"plugins.{path}: strategy 'round_robin' is already offered by round_robin" in _problems(
+        {"plugins": {path: None}}
+    )
 
 
 def test_a_plugin_file_that_fails_to_import_is_reported(tmp_path: Path) -> None:
@@ -90,10 +100,14 @@ def test_a_plugin_file_that_fails_to_import_is_reported(tmp_path: Path) -> None:
 
 
 def test_plugins_load_by_module_path_and_relative_file_path(tmp_path: Path) -> None:
-    by_module = Plugins(parse({"plugins": {"plugins.examples.shortest_name": None}, "routing": {"strategy": "shortest_name"}}))
+    by_module = Plugins(
+        parse({"plugins": {"plugins.examples.shortest_name": None}, "routing": {"strategy": "shortest_name"}})
+    )
     assert by_module.sources["plugins.examples.shortest_name"] == "module"
     write_plugin(tmp_path, "from plugins.examples.shortest_name import register_strategies\n", "mine.py")
-    by_file = Plugins(parse({"plugins": {"./mine.py": None}, "routing": {"strategy": "shortest_name"}}, base_dir=tmp_path))
+    by_file = Plugins(
+        parse({"plugins": {"./mine.py": None}, "routing": {"strategy": "shortest_name"}}, base_dir=tmp_path)
+    )
     assert by_file.sources["./mine.py"] == f"file {tmp_path / 'mine.py'}"
 
 
@@ -102,12 +116,16 @@ def test_plugins_load_from_an_installed_entry_point(tmp_path: Path, monkeypatch:
     dist.mkdir()
     (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: multiverse-fastest\nVersion: 1.0\n")
     (dist / "entry_points.txt").write_text("[multiverse.plugins]\nfastest = fastest_plugin\n")
-    write_plugin(tmp_path, """
+    write_plugin(
+        tmp_path,
+        """
         from gateway import hookimpl
         @hookimpl
         def register_strategies():
             return {"fastest": lambda candidates, call: candidates}
-    """, "fastest_plugin.py")
+    """,
+        "fastest_plugin.py",
+    )
     monkeypatch.syspath_prepend(str(tmp_path))
     loaded = Plugins(parse({"plugins": {"fastest": None}, "routing": {"strategy": "fastest"}}))
     assert loaded.sources["fastest"] == "entry point of multiverse-fastest"
@@ -136,7 +154,10 @@ async def test_example_shortest_name_strategy_routes_to_the_shortest_name(
 async def test_example_long_prompts_strategy(start_backend: StartBackend, start_gateway: StartGateway) -> None:
     big, small = await start_backend(), await start_backend()
     gateway = await start_gateway(
-        backends=[{"name": "big", "url": big.url, "models": ["echo"]}, {"name": "small", "url": small.url, "models": ["echo"]}],
+        backends=[
+            {"name": "big", "url": big.url, "models": ["echo"]},
+            {"name": "small", "url": small.url, "models": ["echo"]},
+        ],
         plugins={str(ROOT / "plugins/examples/long_prompts.py"): {"backend": "big", "min_chars": 100}},
         routing={"strategy": "long_prompts"},
     )
@@ -180,19 +201,28 @@ OBSERVER = """
 """
 
 
-async def test_hooks_short_circuit_filter_observe(tmp_path: Path, start_backend: StartBackend, start_gateway: StartGateway) -> None:
+async def test_hooks_short_circuit_filter_observe(
+    tmp_path: Path, start_backend: StartBackend, start_gateway: StartGateway
+) -> None:
     # two request_complete functions in one module: the second replaces the first, so split them
-    source = OBSERVER.replace('''    @hookimpl
+    source = OBSERVER.replace(
+        """    @hookimpl
     def request_complete(call):
         raise RuntimeError("a broken observer")
-''', "")
+""",
+        "",
+    )
     observer = write_plugin(tmp_path, source, "observer.py")
-    broken = write_plugin(tmp_path, """
+    broken = write_plugin(
+        tmp_path,
+        """
         from gateway import hookimpl
         @hookimpl
         def request_complete(call):
             raise RuntimeError("a broken observer")
-    """, "broken.py")
+    """,
+        "broken.py",
+    )
     b0, b1 = await start_backend(), await start_backend()
     gateway = await start_gateway(b0, b1, plugins={broken: None, observer: None})
     module = gateway.state.plugins.pm.get_plugin(observer)
@@ -220,7 +250,9 @@ async def test_hooks_short_circuit_filter_observe(tmp_path: Path, start_backend:
 
 
 async def test_startup_and_shutdown_are_awaited(tmp_path: Path, aiohttp_server: Any, gateway_config: Any) -> None:
-    path = write_plugin(tmp_path, """
+    path = write_plugin(
+        tmp_path,
+        """
         import asyncio
         from gateway import hookimpl
         events = []
@@ -232,7 +264,9 @@ async def test_startup_and_shutdown_are_awaited(tmp_path: Path, aiohttp_server: 
         async def shutdown(gateway):
             await asyncio.sleep(0)
             events.append(("shutdown", gateway.registry is not None))
-    """, "lifecycle.py")
+    """,
+        "lifecycle.py",
+    )
     app = create_app(gateway_config(plugins={path: None}))
     server = await aiohttp_server(app)
     module = app[GATEWAY].plugins.pm.get_plugin(path)

@@ -10,22 +10,26 @@ import stat
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
-from pathlib import Path
-
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
+
 import openai
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def http(method: str, url: str, body: Any = None, headers: dict[str, str] | None = None, timeout: float = 5) -> tuple[int, Any]:
+def http(
+    method: str, url: str, body: Any = None, headers: dict[str, str] | None = None, timeout: float = 5
+) -> tuple[int, Any]:
     """One plain HTTP request with the standard library; returns status and parsed JSON."""
     data = None if body is None else json.dumps(body).encode()
-    request = urllib.request.Request(url, data=data, method=method, headers={"Content-Type": "application/json", **(headers or {})})
+    request = urllib.request.Request(
+        url, data=data, method=method, headers={"Content-Type": "application/json", **(headers or {})}
+    )
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response:
             return response.status, json.loads(response.read() or b"null")
@@ -78,7 +82,9 @@ def procs() -> Iterator[list[Proc]]:
         proc.stop(signal.SIGKILL)
 
 
-def start_gateway(procs: list[Proc], tmp_path: Path, port: int, extra: str = "", env: dict[str, str] | None = None) -> Proc:
+def start_gateway(
+    procs: list[Proc], tmp_path: Path, port: int, extra: str = "", env: dict[str, str] | None = None
+) -> Proc:
     config = tmp_path / "gateway.yaml"
     config.write_text(f"server: {{port: {port}}}\nstorage: {{sqlite: ./var/gw.db}}\n{extra}")
     proc = Proc(["serve", "--config", str(config)], tmp_path, env)
@@ -103,8 +109,8 @@ def test_quick_start_with_a_generated_admin_key(procs: list[Proc], tmp_path: Pat
     assert "X-API-Key" in generated[0]["how_to_use"]
 
     base = f"http://127.0.0.1:{port}"
-    status, created = http("POST", f"{base}/admin/register", {"endpoint_url": f"http://127.0.0.1:{backend_port}", "owner_name": "Ada"},
-                           {"X-API-Key": key})  # fmt: skip
+    registration = {"endpoint_url": f"http://127.0.0.1:{backend_port}", "owner_name": "Ada"}
+    status, created = http("POST", f"{base}/admin/register", registration, {"X-API-Key": key})
     assert status == 201, created
     client = openai.OpenAI(base_url=f"{base}/v1", api_key="sk-student-secret-value", max_retries=0)
     answer = client.chat.completions.create(model="echo", messages=[{"role": "user", "content": "hello gateway"}])
@@ -126,7 +132,9 @@ def test_quick_start_with_a_generated_admin_key(procs: list[Proc], tmp_path: Pat
 def test_kill_9_during_registrations_loses_none_acknowledged(procs: list[Proc], tmp_path: Path) -> None:
     port = free_port()
     key = "k" * 24
-    gateway = start_gateway(procs, tmp_path, port, env={"MULTIVERSE_ADMIN_KEY": key}, extra="admin: {api_key: \"${MULTIVERSE_ADMIN_KEY}\"}\n")
+    gateway = start_gateway(
+        procs, tmp_path, port, env={"MULTIVERSE_ADMIN_KEY": key}, extra='admin: {api_key: "${MULTIVERSE_ADMIN_KEY}"}\n'
+    )
     base, acknowledged = f"http://127.0.0.1:{port}", []
     for i in range(60):
         body = {"endpoint_url": f"http://127.0.0.1:{20000 + i}", "model_name": "m"}  # never contacted
@@ -140,7 +148,9 @@ def test_kill_9_during_registrations_loses_none_acknowledged(procs: list[Proc], 
         acknowledged.append(created["registration_id"])
     gateway.popen.wait(10)
     assert len(acknowledged) == 40
-    start_gateway(procs, tmp_path, port, env={"MULTIVERSE_ADMIN_KEY": key}, extra="admin: {api_key: \"${MULTIVERSE_ADMIN_KEY}\"}\n")
+    start_gateway(
+        procs, tmp_path, port, env={"MULTIVERSE_ADMIN_KEY": key}, extra='admin: {api_key: "${MULTIVERSE_ADMIN_KEY}"}\n'
+    )
     _, listed = http("GET", f"{base}/admin/servers", headers={"X-API-Key": key})
     assert {s["registration_id"] for s in listed["servers"]} == set(acknowledged)
 

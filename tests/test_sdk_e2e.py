@@ -74,7 +74,9 @@ async def test_sdk_raises_typed_errors(gateway) -> None:  # type: ignore[no-unty
     await client.close()
 
 
-async def test_backend_sees_body_as_sent_and_no_client_key(start_backend: StartBackend, start_gateway: StartGateway) -> None:
+async def test_backend_sees_body_as_sent_and_no_client_key(
+    start_backend: StartBackend, start_gateway: StartGateway
+) -> None:
     backend = await start_backend()
     gateway = await start_gateway(backend)
     client = openai.AsyncOpenAI(base_url=gateway.base_url, api_key="sk-client-secret", max_retries=0)

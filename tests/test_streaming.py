@@ -14,7 +14,9 @@ from tests.conftest import StartBackend, StartGateway
 CHAT = {"model": "echo", "stream": True, "messages": [{"role": "user", "content": "hi"}]}
 
 
-async def test_first_chunk_arrives_before_the_second_is_sent(start_backend: StartBackend, start_gateway: StartGateway) -> None:
+async def test_first_chunk_arrives_before_the_second_is_sent(
+    start_backend: StartBackend, start_gateway: StartGateway
+) -> None:
     backend = await start_backend(chunks=2, delay=1.0)
     gateway = await start_gateway(backend)
     arrivals: list[tuple[float, bytes]] = []
@@ -32,7 +34,9 @@ async def test_first_chunk_arrives_before_the_second_is_sent(start_backend: Star
     assert second_at >= 0.9 and second_at - first_at >= 0.8
 
 
-async def test_stream_through_sdk_yields_chunks_as_they_come(start_backend: StartBackend, start_gateway: StartGateway) -> None:
+async def test_stream_through_sdk_yields_chunks_as_they_come(
+    start_backend: StartBackend, start_gateway: StartGateway
+) -> None:
     backend = await start_backend(chunks=3, delay=0.4)
     gateway = await start_gateway(backend)
     client = openai.AsyncOpenAI(base_url=gateway.base_url, api_key="x", max_retries=0)
@@ -63,7 +67,9 @@ async def test_backend_dying_mid_stream_ends_with_an_error_the_sdk_raises(
     await client.close()
 
 
-async def test_client_hanging_up_mid_stream_cancels_the_backend(start_backend: StartBackend, start_gateway: StartGateway) -> None:
+async def test_client_hanging_up_mid_stream_cancels_the_backend(
+    start_backend: StartBackend, start_gateway: StartGateway
+) -> None:
     backend = await start_backend(chunks=100, delay=0.1)
     gateway = await start_gateway(backend)
     completed = []

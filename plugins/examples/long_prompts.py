@@ -1,8 +1,8 @@
 """Example: a strategy with options. Send long prompts to one backend, short ones anywhere else.
 
-    routing: {strategy: long_prompts}
-    plugins:
-      plugins/examples/long_prompts.py: {backend: lab-gpu-big, min_chars: 2000}
+routing: {strategy: long_prompts}
+plugins:
+  plugins/examples/long_prompts.py: {backend: lab-gpu-big, min_chars: 2000}
 """
 
 from __future__ import annotations
@@ -21,7 +21,9 @@ class Options:
 def prompt_length(body: dict) -> int:  # type: ignore[type-arg]
     """Characters of text in a chat's messages, or in a completion's prompt."""
     messages = body.get("messages") or []
-    return sum(len(str(m.get("content", ""))) for m in messages if isinstance(m, dict)) + len(str(body.get("prompt", "")))
+    return sum(len(str(m.get("content", ""))) for m in messages if isinstance(m, dict)) + len(
+        str(body.get("prompt", ""))
+    )
 
 
 class Plugin:
