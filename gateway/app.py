@@ -92,6 +92,9 @@ async def _serve(gateway: Gateway, call: Call) -> web.StreamResponse:
             call.status = call.status or 499
         if call.status >= 500 or call.error:
             gateway.requests_failed += 1
+        outcome = {"error": call.error} if call.error else {}
+        if call.client_disconnected:
+            outcome["client_disconnected"] = True
         gateway.log.info(
             "request",
             request_id=call.request_id,
@@ -102,8 +105,7 @@ async def _serve(gateway: Gateway, call: Call) -> web.StreamResponse:
             status=call.status,
             attempts=call.attempts,
             latency_ms=round(call.latency * 1000, 2),
-            error=call.error,
-            client_disconnected=call.client_disconnected or None,
+            **outcome,
         )
         if plugins.request_complete:
             await plugins.call_all_logged(plugins.request_complete, "request_complete_failed", call=call)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import re
@@ -17,9 +18,14 @@ _BEARER = re.compile(r"(Bearer\s+)[^\s\"',]+", re.IGNORECASE)
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
 
 
+@functools.cache
+def _is_secret_key(key: str) -> bool:
+    return _SECRET_KEY.search(key) is not None
+
+
 def redact(value: Any, key: str = "") -> Any:
     """Return ``value`` with secrets replaced: by key name, and bearer tokens inside text."""
-    if key and _SECRET_KEY.search(key):
+    if key and _is_secret_key(key):
         return REDACTED if value else value
     if isinstance(value, str):
         return _BEARER.sub(r"\1" + REDACTED, value) if "earer" in value else value
@@ -32,9 +38,13 @@ def redact(value: Any, key: str = "") -> Any:
 
 def _redact_processor(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
     for key, value in event.items():
-        if isinstance(value, str | dict | list | tuple) or _SECRET_KEY.search(key):
-            event[key] = redact(value, key)
+        if value.__class__ in _PLAIN and not _is_secret_key(key):
+            continue  # numbers, booleans and None hide no secret
+        event[key] = redact(value, key)
     return event
+
+
+_PLAIN = frozenset({int, float, bool, type(None)})
 
 
 def configure(level: str = "info", fmt: str = "auto") -> None:
