@@ -32,22 +32,11 @@ def _models_list(value: list[str] | None) -> str | None:
 
 @dataclass(frozen=True)
 class Registration:
-    """Body of POST /admin/register."""
+    """Body of POST /admin/register (``endpoint_url`` required) and PUT (any subset)."""
 
-    endpoint_url: str = field(metadata={"doc": "base URL of your OpenAI-compatible server", "check": _http_url})
-    model_name: str | None = None
-    models: list[str] | None = field(default=None, metadata={"check": _models_list})
-    name: str | None = None
-    owner_name: str | None = None
-    owner_email: str | None = None
-    description: str | None = None
-
-
-@dataclass(frozen=True)
-class RegistrationUpdate:
-    """Body of PUT /admin/register/{id}: any subset of the registration's fields."""
-
-    endpoint_url: str | None = field(default=None, metadata={"check": lambda v: v and _http_url(v)})
+    endpoint_url: str | None = field(
+        default=None, metadata={"doc": "base URL of your server, without /v1", "check": lambda v: v and _http_url(v)}
+    )
     model_name: str | None = None
     models: list[str] | None = field(default=None, metadata={"check": _models_list})
     name: str | None = None
@@ -126,7 +115,7 @@ def _validated(cls: type[Any], data: dict[str, Any]) -> Any:
         raise GatewayError(400, "; ".join(exc.problems), param=exc.problems[0].split(":")[0]) from None
 
 
-def _models_of(body: Registration | RegistrationUpdate) -> list[str] | None:
+def _models_of(body: Registration) -> list[str] | None:
     if body.model_name and body.models:
         raise GatewayError(400, "give either 'model_name' or 'models', not both", param="models")
     return [body.model_name] if body.model_name else body.models
@@ -156,6 +145,8 @@ async def discover_models(gateway: Gateway, url: str) -> list[str]:
 @admin_only
 async def register(request: web.Request, gateway: Gateway) -> web.Response:
     body: Registration = _validated(Registration, await _body(request))
+    if body.endpoint_url is None:
+        raise GatewayError(400, "endpoint_url: required (the base URL of your server)", param="endpoint_url")
     models = _models_of(body) or await discover_models(gateway, body.endpoint_url)
     owner = {"owner_name": body.owner_name, "owner_email": body.owner_email, "description": body.description}
     existing = gateway.registry.by_url(body.endpoint_url)
@@ -190,7 +181,7 @@ def _registered(gateway: Gateway, registration_id: str) -> Backend:
 @admin_only
 async def update(request: web.Request, gateway: Gateway) -> web.Response:
     backend = _registered(gateway, request.match_info["registration_id"])
-    body: RegistrationUpdate = _validated(RegistrationUpdate, await _body(request))
+    body: Registration = _validated(Registration, await _body(request))
     changes: dict[str, Any] = {
         k: v for k, v in vars(body).items() if v is not None and k not in ("model_name", "endpoint_url")
     }

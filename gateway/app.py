@@ -92,7 +92,7 @@ async def _serve(gateway: Gateway, call: Call) -> web.StreamResponse:
             call.status = call.status or 499
         if call.status >= 500 or call.error:
             gateway.requests_failed += 1
-        outcome = {"error": call.error} if call.error else {}
+        outcome: dict[str, object] = {"error": call.error} if call.error else {}
         if call.client_disconnected:
             outcome["client_disconnected"] = True
         gateway.log.info(
