@@ -16,6 +16,7 @@ from aiohttp import web
 
 from gateway.config import MIN_ADMIN_KEY_LENGTH, ConfigError, GatewayConfig, _http_url
 from gateway.errors import GatewayError
+from gateway.netguard import check_backend_url
 from gateway.registry import HEALTHY, UNHEALTHY, UNKNOWN, Backend
 from gateway.state import GATEWAY, Gateway
 from gateway.validate import ValidationError, build
@@ -70,11 +71,52 @@ def resolve_admin_key(config: GatewayConfig, log: Any) -> str:
     return key
 
 
-def _authorized(request: web.Request, key: str) -> bool:
+class TokenBuckets:
+    """Per-key token buckets: ``per_minute`` actions a minute, bursts up to that many."""
+
+    def __init__(self, per_minute: int) -> None:
+        self.rate = per_minute / 60
+        self.capacity = float(per_minute)
+        self._buckets: dict[str, tuple[float, float]] = {}
+
+    def take(self, key: str) -> float:
+        """Take a token; return 0 if allowed, else the seconds until one is available."""
+        now = time.monotonic()
+        tokens, last = self._buckets.get(key, (self.capacity, now))
+        tokens = min(self.capacity, tokens + (now - last) * self.rate)
+        if tokens >= 1:
+            self._buckets[key] = (tokens - 1, now)
+            return 0.0
+        self._buckets[key] = (tokens, now)
+        return (1 - tokens) / self.rate
+
+
+REGISTRATION_LIMIT = web.AppKey("registration_limit", TokenBuckets)
+
+
+def _limit_registrations(request: web.Request, gateway: Gateway) -> None:
+    wait = request.app[REGISTRATION_LIMIT].take(_presented_key(request) or "")
+    if wait:
+        per_minute = gateway.config.admin.registrations_per_minute
+        raise GatewayError(
+            429,
+            f"too many registrations: at most {per_minute} a minute per admin key "
+            f"(admin.registrations_per_minute); retry in {wait:.0f} s",
+            code="rate_limit_exceeded",
+            headers={"Retry-After": str(max(1, round(wait)))},
+        )
+
+
+def _presented_key(request: web.Request) -> str | None:
     given = request.headers.get("X-API-Key")
     if given is None:
         auth = request.headers.get("Authorization", "")
         given = auth[7:] if auth[:7].lower() == "bearer " else None
+    return given
+
+
+def _authorized(request: web.Request, key: str) -> bool:
+    given = _presented_key(request)
     return given is not None and hmac.compare_digest(given.encode(), key.encode())
 
 
@@ -144,12 +186,19 @@ async def discover_models(gateway: Gateway, url: str) -> list[str]:
 
 @admin_only
 async def register(request: web.Request, gateway: Gateway) -> web.Response:
+    _limit_registrations(request, gateway)
     body: Registration = _validated(Registration, await _body(request))
     if body.endpoint_url is None:
         raise GatewayError(400, "endpoint_url: required (the base URL of your server)", param="endpoint_url")
+    await check_backend_url(body.endpoint_url, gateway.config.admin.allow_private_backends)
+    existing = gateway.registry.by_url(body.endpoint_url)
+    limit = gateway.config.admin.max_backends
+    if existing is None and sum(b.source == "api" for b in gateway.registry.backends.values()) >= limit:
+        raise GatewayError(
+            409, f"the gateway already holds {limit} registered backends (admin.max_backends); remove one first"
+        )
     models = _models_of(body) or await discover_models(gateway, body.endpoint_url)
     owner = {"owner_name": body.owner_name, "owner_email": body.owner_email, "description": body.description}
-    existing = gateway.registry.by_url(body.endpoint_url)
     if existing is not None and existing.read_only:
         raise GatewayError(409, f"{body.endpoint_url} is already configured in gateway.yaml as '{existing.name}'")
     if existing is not None:  # registering again is idempotent: refresh the registration
@@ -181,11 +230,13 @@ def _registered(gateway: Gateway, registration_id: str) -> Backend:
 @admin_only
 async def update(request: web.Request, gateway: Gateway) -> web.Response:
     backend = _registered(gateway, request.match_info["registration_id"])
+    _limit_registrations(request, gateway)
     body: Registration = _validated(Registration, await _body(request))
     changes: dict[str, Any] = {
         k: v for k, v in vars(body).items() if v is not None and k not in ("model_name", "endpoint_url")
     }
     if body.endpoint_url:
+        await check_backend_url(body.endpoint_url, gateway.config.admin.allow_private_backends)
         other = gateway.registry.by_url(body.endpoint_url)
         if other is not None and other is not backend:
             raise GatewayError(409, f"{body.endpoint_url} is already registered as '{other.id}'")
@@ -241,7 +292,8 @@ async def stats(request: web.Request, gateway: Gateway) -> web.Response:
     )
 
 
-def add_routes(app: web.Application) -> None:
+def add_routes(app: web.Application, config: GatewayConfig) -> None:
+    app[REGISTRATION_LIMIT] = TokenBuckets(config.admin.registrations_per_minute)
     app.router.add_post("/admin/register", register)
     app.router.add_put("/admin/register/{registration_id}", update)
     app.router.add_delete("/admin/register/{registration_id}", deregister)

@@ -7,6 +7,7 @@ import json
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
+from urllib.parse import urlsplit
 
 import aiohttp
 from aiohttp import web
@@ -15,6 +16,7 @@ from gateway import admin, relay
 from gateway.call import Call
 from gateway.config import GatewayConfig
 from gateway.errors import GatewayError
+from gateway.netguard import PublicOnlyResolver
 from gateway.plugins import Plugins
 from gateway.registry import Registry
 from gateway.state import GATEWAY, Gateway
@@ -164,8 +166,11 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     routing = gateway.config.routing
     await gateway.registry.open()
     gateway.admin_key = admin.resolve_admin_key(gateway.config, gateway.log)
+    resolver = None
+    if not gateway.config.admin.allow_private_backends:
+        resolver = PublicOnlyResolver({urlsplit(b.url).hostname or "" for b in gateway.config.backends})
     gateway._http = aiohttp.ClientSession(
-        connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=60),
+        connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=60, resolver=resolver),
         timeout=aiohttp.ClientTimeout(total=None, sock_connect=routing.connect_timeout, sock_read=routing.read_timeout),
         auto_decompress=False,
         cookie_jar=aiohttp.DummyCookieJar(),
@@ -197,7 +202,7 @@ def create_app(config: GatewayConfig) -> web.Application:
     for endpoint in ENDPOINTS:
         app.router.add_post(f"/v1/{endpoint}", _proxy_handler(endpoint))
     app.router.add_get("/health", health)
-    admin.add_routes(app)
+    admin.add_routes(app, config)
     return app
 
 

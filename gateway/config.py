@@ -80,6 +80,16 @@ class AdminConfig:
             "check": _admin_key,
         },
     )
+    allow_private_backends: bool = field(
+        default=False,
+        metadata={"doc": "let registrations point at loopback, private-network and link-local addresses"},
+    )
+    max_backends: int = field(
+        default=500, metadata={"doc": "most backends that may be registered at once", "check": _positive}
+    )
+    registrations_per_minute: int = field(
+        default=60, metadata={"doc": "registrations and updates one admin key may make per minute", "check": _positive}
+    )
 
 
 @dataclass(frozen=True)
@@ -196,6 +206,25 @@ def _cross_checks(config: GatewayConfig) -> list[str]:
     return problems
 
 
+class _StrictLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a key given twice in one mapping (PyYAML keeps the last silently)."""
+
+
+def _no_duplicates(loader: _StrictLoader, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+    seen: set[Any] = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if key in seen:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"the key {key!r} is given twice in one mapping; keep one", key_node.start_mark
+            )
+        seen.add(key)
+    return loader.construct_mapping(node, deep)
+
+
+_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _no_duplicates)
+
+
 def load(path: str | Path) -> GatewayConfig:
     """Read and validate a config file."""
     path = Path(path)
@@ -204,7 +233,7 @@ def load(path: str | Path) -> GatewayConfig:
     except OSError as exc:
         raise ConfigError([f"{path}: cannot read the config file ({exc.strerror})"]) from None
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_StrictLoader)  # a SafeLoader subclass: safe
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "somewhere"

@@ -30,8 +30,10 @@ class GatewayError(Exception):
         code: str | None = None,
         param: str | None = None,
         type: str | None = None,
+        headers: dict[str, str] | None = None,
     ) -> None:
         super().__init__(message)
+        self.headers = headers
         self.status = status
         self.message = message
         self.code = code
@@ -49,6 +51,8 @@ class GatewayError(Exception):
         }
 
     def to_response(self, headers: dict[str, str] | None = None) -> web.Response:
+        if self.headers:
+            headers = {**self.headers, **(headers or {})}
         return web.Response(
             status=self.status,
             body=json.dumps(self.envelope()).encode(),

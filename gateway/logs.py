@@ -11,6 +11,7 @@ from collections.abc import MutableMapping
 from typing import Any
 
 import structlog
+from aiohttp.http_exceptions import HttpProcessingError
 
 REDACTED = "[redacted]"
 _SECRET_KEY = re.compile(r"(api[_-]?key|authorization|token|secret|password)", re.IGNORECASE)
@@ -55,11 +56,14 @@ def configure(level: str = "info", fmt: str = "auto") -> None:
         if as_json
         else structlog.dev.ConsoleRenderer(colors=sys.stdout.isatty())
     )
+    shared: list[Any] = [
+        structlog.processors.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+    ]
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
-            structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            *shared,
             structlog.processors.format_exc_info,
             _redact_processor,
             renderer,
@@ -68,6 +72,26 @@ def configure(level: str = "info", fmt: str = "auto") -> None:
         logger_factory=structlog.WriteLoggerFactory(file=sys.stdout),
         cache_logger_on_first_use=True,
     )
+    # aiohttp and asyncio log through the standard library: same format, same redaction.
+    handler = logging.StreamHandler(sys.stdout)
+    handler.addFilter(_quiet_client_errors)
+    handler.setFormatter(
+        structlog.stdlib.ProcessorFormatter(
+            foreign_pre_chain=[*shared, structlog.stdlib.ExtraAdder()],
+            processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, _redact_processor, renderer],
+        )
+    )
+    root = logging.getLogger()
+    root.handlers = [handler]
+    root.setLevel(_LEVELS[level])
+
+
+def _quiet_client_errors(record: logging.LogRecord) -> bool:
+    """A malformed request from a client is worth one line, not a traceback."""
+    if record.exc_info and isinstance(record.exc_info[1], HttpProcessingError):
+        record.msg = f"{record.getMessage()}: {record.exc_info[1].message}"
+        record.args, record.exc_info, record.exc_text = None, None, None
+    return True
 
 
 def get_logger(name: str = "gateway") -> Any:

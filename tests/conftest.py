@@ -57,7 +57,10 @@ async def start_backend(aiohttp_server: Any) -> StartBackend:
 @pytest.fixture
 def gateway_config(tmp_path: Path) -> Callable[..., config_mod.GatewayConfig]:
     def make(**sections: Any) -> config_mod.GatewayConfig:
-        data: dict[str, Any] = {"storage": {"sqlite": str(tmp_path / "gateway.db")}, "admin": {"api_key": ADMIN_KEY}}
+        data: dict[str, Any] = {
+            "storage": {"sqlite": str(tmp_path / "gateway.db")},
+            "admin": {"api_key": ADMIN_KEY, "allow_private_backends": True},
+        }
         data.update(sections)
         return config_mod.parse(data, base_dir=tmp_path)
 

@@ -83,10 +83,11 @@ def procs() -> Iterator[list[Proc]]:
 
 
 def start_gateway(
-    procs: list[Proc], tmp_path: Path, port: int, extra: str = "", env: dict[str, str] | None = None
+    procs: list[Proc], tmp_path: Path, port: int, admin: str = "", env: dict[str, str] | None = None
 ) -> Proc:
     config = tmp_path / "gateway.yaml"
-    config.write_text(f"server: {{port: {port}}}\nstorage: {{sqlite: ./var/gw.db}}\n{extra}")
+    admin = "admin: {allow_private_backends: true" + (f", {admin}" if admin else "") + "}\n"
+    config.write_text(f"server: {{port: {port}}}\nstorage: {{sqlite: ./var/gw.db}}\n{admin}")
     proc = Proc(["serve", "--config", str(config)], tmp_path, env)
     procs.append(proc)
     proc.wait_ready(f"http://127.0.0.1:{port}/health")
@@ -133,7 +134,7 @@ def test_kill_9_during_registrations_loses_none_acknowledged(procs: list[Proc], 
     port = free_port()
     key = "k" * 24
     gateway = start_gateway(
-        procs, tmp_path, port, env={"MULTIVERSE_ADMIN_KEY": key}, extra='admin: {api_key: "${MULTIVERSE_ADMIN_KEY}"}\n'
+        procs, tmp_path, port, env={"MULTIVERSE_ADMIN_KEY": key}, admin='api_key: "${MULTIVERSE_ADMIN_KEY}"'
     )
     base, acknowledged = f"http://127.0.0.1:{port}", []
     for i in range(60):
@@ -148,9 +149,7 @@ def test_kill_9_during_registrations_loses_none_acknowledged(procs: list[Proc], 
         acknowledged.append(created["registration_id"])
     gateway.popen.wait(10)
     assert len(acknowledged) == 40
-    start_gateway(
-        procs, tmp_path, port, env={"MULTIVERSE_ADMIN_KEY": key}, extra='admin: {api_key: "${MULTIVERSE_ADMIN_KEY}"}\n'
-    )
+    start_gateway(procs, tmp_path, port, env={"MULTIVERSE_ADMIN_KEY": key}, admin='api_key: "${MULTIVERSE_ADMIN_KEY}"')
     _, listed = http("GET", f"{base}/admin/servers", headers={"X-API-Key": key})
     assert {s["registration_id"] for s in listed["servers"]} == set(acknowledged)
 
