@@ -14,15 +14,14 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from gateway.config import MIN_ADMIN_KEY_LENGTH, ConfigError, GatewayConfig, _http_url
+from gateway.config import MIN_ADMIN_KEY_LENGTH, ConfigError, GatewayConfig, _http_url, _positive_or_none
 from gateway.errors import GatewayError
 from gateway.netguard import check_backend_url
-from gateway.registry import HEALTHY, UNHEALTHY, UNKNOWN, Backend
+from gateway.registry import STATUSES, Backend
 from gateway.state import GATEWAY, Gateway
 from gateway.validate import ValidationError, build
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-STATUSES = (HEALTHY, UNHEALTHY, UNKNOWN)
 
 
 def _models_list(value: list[str] | None) -> str | None:
@@ -44,6 +43,10 @@ class Registration:
     owner_name: str | None = None
     owner_email: str | None = None
     description: str | None = None
+    api_key: str | None = field(default=None, metadata={"doc": "the backend's own key, sent to it as a bearer token"})
+    connect_timeout: float | None = field(default=None, metadata={"check": _positive_or_none})
+    ttft_timeout: float | None = field(default=None, metadata={"check": _positive_or_none})
+    stall_timeout: float | None = field(default=None, metadata={"check": _positive_or_none})
 
 
 def resolve_admin_key(config: GatewayConfig, log: Any) -> str:
@@ -163,13 +166,14 @@ def _models_of(body: Registration) -> list[str] | None:
     return [body.model_name] if body.model_name else body.models
 
 
-async def discover_models(gateway: Gateway, url: str) -> list[str]:
+async def discover_models(gateway: Gateway, url: str, api_key: str | None) -> list[str]:
     """Ask a backend which models it serves, through its /v1/models."""
     target = f"{url.rstrip('/')}/v1/models"
     hint = "; pass 'model_name' or 'models' in the registration instead"
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else None
     try:
         timeout = aiohttp.ClientTimeout(total=gateway.config.routing.connect_timeout + 5)
-        async with gateway.http.get(target, timeout=timeout, allow_redirects=False) as response:
+        async with gateway.http.get(target, timeout=timeout, allow_redirects=False, headers=headers) as response:
             if response.status != 200:
                 raise GatewayError(400, f"could not list models at {target}: HTTP {response.status}{hint}")
             payload = json.loads(await response.read())
@@ -184,6 +188,12 @@ async def discover_models(gateway: Gateway, url: str) -> list[str]:
     return models
 
 
+def _given_fields(body: Registration) -> dict[str, Any]:
+    """The registration's optional fields that were given, by registry field name."""
+    skip = ("endpoint_url", "model_name", "models")
+    return {k: v for k, v in vars(body).items() if v is not None and k not in skip}
+
+
 @admin_only
 async def register(request: web.Request, gateway: Gateway) -> web.Response:
     _limit_registrations(request, gateway)
@@ -192,23 +202,21 @@ async def register(request: web.Request, gateway: Gateway) -> web.Response:
         raise GatewayError(400, "endpoint_url: required (the base URL of your server)", param="endpoint_url")
     await check_backend_url(body.endpoint_url, gateway.config.admin.allow_private_backends)
     existing = gateway.registry.by_url(body.endpoint_url)
+    if existing is not None and existing.read_only:
+        raise GatewayError(409, f"{body.endpoint_url} is already configured in gateway.yaml as '{existing.name}'")
     limit = gateway.config.admin.max_backends
     if existing is None and sum(b.source == "api" for b in gateway.registry.backends.values()) >= limit:
         raise GatewayError(
             409, f"the gateway already holds {limit} registered backends (admin.max_backends); remove one first"
         )
-    models = _models_of(body) or await discover_models(gateway, body.endpoint_url)
-    owner = {"owner_name": body.owner_name, "owner_email": body.owner_email, "description": body.description}
-    if existing is not None and existing.read_only:
-        raise GatewayError(409, f"{body.endpoint_url} is already configured in gateway.yaml as '{existing.name}'")
+    models = _models_of(body) or await discover_models(gateway, body.endpoint_url, body.api_key)
+    fields = _given_fields(body)
     if existing is not None:  # registering again is idempotent: refresh the registration
-        changes: dict[str, Any] = {"models": models, **{k: v for k, v in owner.items() if v is not None}}
-        if body.name:
-            changes["name"] = body.name
-        backend = await gateway.registry.update(existing, changes)
+        backend = await gateway.registry.update(existing, {"models": models, **fields})
         status = 200
     else:
-        backend = await gateway.registry.add(body.endpoint_url, models, body.name, **owner)
+        name = fields.pop("name", None)
+        backend = await gateway.registry.add(body.endpoint_url, models, name, **fields)
         status = 201
     gateway.log.info(
         "backend_registered", registration_id=backend.id, backend=backend.name, models=list(backend.models)
@@ -232,9 +240,7 @@ async def update(request: web.Request, gateway: Gateway) -> web.Response:
     backend = _registered(gateway, request.match_info["registration_id"])
     _limit_registrations(request, gateway)
     body: Registration = _validated(Registration, await _body(request))
-    changes: dict[str, Any] = {
-        k: v for k, v in vars(body).items() if v is not None and k not in ("model_name", "endpoint_url")
-    }
+    changes = _given_fields(body)
     if body.endpoint_url:
         await check_backend_url(body.endpoint_url, gateway.config.admin.allow_private_backends)
         other = gateway.registry.by_url(body.endpoint_url)
@@ -245,7 +251,7 @@ async def update(request: web.Request, gateway: Gateway) -> web.Response:
     if models:
         changes["models"] = models
     if not changes:
-        raise GatewayError(400, "nothing to update; send any of: " + ", ".join(f for f in vars(body)))
+        raise GatewayError(400, "nothing to update; send any of: " + ", ".join(vars(body)))
     await gateway.registry.update(backend, changes)
     gateway.log.info("backend_updated", registration_id=backend.id, fields=sorted(changes))
     return web.json_response(backend.public())

@@ -79,7 +79,7 @@ async def _serve(gateway: Gateway, call: Call) -> web.StreamResponse:
         return response
     except GatewayError as exc:
         call.status, call.error = exc.status, exc.message
-        return exc.to_response({"X-Request-ID": call.request_id})
+        return exc.to_response({"X-Request-ID": call.request_id, "X-Multiverse-Attempts": str(call.attempts)})
     except asyncio.CancelledError:
         call.client_disconnected = True
         raise
@@ -97,11 +97,13 @@ async def _serve(gateway: Gateway, call: Call) -> web.StreamResponse:
         outcome: dict[str, object] = {"error": call.error} if call.error else {}
         if call.client_disconnected:
             outcome["client_disconnected"] = True
+        if call.model != call.requested_model:
+            outcome["served_model"] = call.model
         gateway.log.info(
             "request",
             request_id=call.request_id,
             endpoint=call.endpoint,
-            model=call.model,
+            model=call.requested_model,
             stream=call.stream,
             backend=call.backend.name if call.backend else None,
             status=call.status,
@@ -171,7 +173,7 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
         resolver = PublicOnlyResolver({urlsplit(b.url).hostname or "" for b in gateway.config.backends})
     gateway._http = aiohttp.ClientSession(
         connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=60, resolver=resolver),
-        timeout=aiohttp.ClientTimeout(total=None, sock_connect=routing.connect_timeout, sock_read=routing.read_timeout),
+        timeout=aiohttp.ClientTimeout(total=None, sock_connect=routing.connect_timeout),
         auto_decompress=False,
         cookie_jar=aiohttp.DummyCookieJar(),
         skip_auto_headers=("User-Agent",),

@@ -10,6 +10,7 @@ if TYPE_CHECKING:
     from aiohttp import web
 
     from gateway.registry import Backend
+    from gateway.relay import Failure
 
 
 class Call:
@@ -28,11 +29,13 @@ class Call:
         "client_disconnected",
         "endpoint",
         "error",
+        "failures",
         "first_byte_at",
         "json",
         "model",
         "request",
         "request_id",
+        "requested_model",
         "response_headers",
         "started",
         "state",
@@ -47,8 +50,10 @@ class Call:
         self.body = body
         self.json = data
         self.model: str = data["model"]
+        self.requested_model = self.model
         self.stream: bool = data.get("stream") is True
         self.backend: Backend | None = None
+        self.failures: list[Failure] = []
         self.attempts = 0
         self.status = 0
         self.error: str | None = None

@@ -23,6 +23,10 @@ def _positive(value: float) -> str | None:
     return None if value > 0 else f"must be greater than 0, got {value}"
 
 
+def _positive_or_none(value: float | None) -> str | None:
+    return None if value is None else _positive(value)
+
+
 def _port(value: int) -> str | None:
     return None if 0 <= value <= 65535 else f"must be a port number 0-65535, got {value}"
 
@@ -99,6 +103,16 @@ class BackendConfig:
     name: str = field(metadata={"doc": "a unique name for logs and /admin/servers"})
     url: str = field(metadata={"doc": "base URL of an OpenAI-compatible server", "check": _http_url})
     models: list[str] = field(metadata={"doc": "models this backend serves", "check": _models})
+    api_key: str | None = field(default=None, metadata={"doc": "sent to this backend as a bearer token"})
+    connect_timeout: float | None = field(
+        default=None, metadata={"doc": "overrides routing.connect_timeout", "check": _positive_or_none}
+    )
+    ttft_timeout: float | None = field(
+        default=None, metadata={"doc": "overrides routing.ttft_timeout", "check": _positive_or_none}
+    )
+    stall_timeout: float | None = field(
+        default=None, metadata={"doc": "overrides routing.stall_timeout", "check": _positive_or_none}
+    )
 
 
 @dataclass(frozen=True)
@@ -107,14 +121,29 @@ class RoutingConfig:
 
     strategy: str = field(default="round_robin", metadata={"doc": "a strategy registered by a plugin"})
     max_attempts: int = field(
-        default=3, metadata={"doc": "backends tried per request before giving up", "check": _positive}
+        default=3, metadata={"doc": "backends tried per model before giving up", "check": _positive}
     )
     connect_timeout: float = field(
         default=5.0, metadata={"doc": "seconds to open a connection to a backend", "check": _positive}
     )
-    read_timeout: float = field(
+    ttft_timeout: float = field(
+        default=120.0,
+        metadata={"doc": "seconds from sending a request to a backend to its first byte", "check": _positive},
+    )
+    stall_timeout: float = field(
+        default=60.0,
+        metadata={"doc": "seconds of silence allowed between two chunks once a backend answers", "check": _positive},
+    )
+    deadline: float = field(
         default=300.0,
-        metadata={"doc": "seconds of silence allowed between two chunks of a response", "check": _positive},
+        metadata={
+            "doc": "seconds within which some backend must start answering, all tries included",
+            "check": _positive,
+        },
+    )
+    fallbacks: dict[str, list[str]] = field(
+        default_factory=dict,
+        metadata={"doc": "model -> models to try, in order, when no backend of it can serve"},
     )
 
 

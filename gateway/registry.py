@@ -19,11 +19,12 @@ import aiosqlite
 
 from gateway.config import BackendConfig
 
-UNKNOWN, HEALTHY, UNHEALTHY = "unknown", "healthy", "unhealthy"
+UNKNOWN, HEALTHY, UNHEALTHY, MISMATCHED = "unknown", "healthy", "unhealthy", "mismatched"
+STATUSES = (HEALTHY, UNHEALTHY, UNKNOWN, MISMATCHED)
 ROUTABLE = frozenset({UNKNOWN, HEALTHY})
 """Statuses a request may be routed to; an unprobed backend is given the benefit of the doubt."""
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS backends (
     id           TEXT PRIMARY KEY,
@@ -40,7 +41,15 @@ CREATE TABLE IF NOT EXISTS backends (
     updated_at   REAL NOT NULL
 );
 """
-EDITABLE = ("name", "url", "models", "owner_name", "owner_email", "description")
+# Columns added after version 1, created on open where missing.
+_ADDED_COLUMNS = {
+    "api_key": "TEXT",
+    "connect_timeout": "REAL",
+    "ttft_timeout": "REAL",
+    "stall_timeout": "REAL",
+}
+TIMEOUTS = ("connect_timeout", "ttft_timeout", "stall_timeout")
+EDITABLE = ("name", "url", "models", "owner_name", "owner_email", "description", "api_key", *TIMEOUTS)
 
 
 @dataclass(eq=False, slots=True)
@@ -55,6 +64,10 @@ class Backend:
     owner_name: str | None = None
     owner_email: str | None = None
     description: str | None = None
+    api_key: str | None = None
+    connect_timeout: float | None = None
+    ttft_timeout: float | None = None
+    stall_timeout: float | None = None
     status: str = UNKNOWN
     last_error: str | None = None
     status_since: float = field(default_factory=time.time)
@@ -83,6 +96,8 @@ class Backend:
             "owner_name": self.owner_name,
             "owner_email": self.owner_email,
             "description": self.description,
+            "has_api_key": self.api_key is not None,
+            **{name: getattr(self, name) for name in TIMEOUTS},
             "status": self.status,
             "last_error": self.last_error,
             "status_since": self.status_since,
@@ -101,6 +116,9 @@ class Registry:
         self.backends: dict[str, Backend] = {}
         for conf in static:
             backend = Backend(f"config:{conf.name}", conf.name, conf.url.rstrip("/"), tuple(conf.models), "config")
+            backend.api_key = conf.api_key
+            for name in TIMEOUTS:
+                setattr(backend, name, getattr(conf, name))
             self.backends[backend.id] = backend
         self._by_model: dict[str, tuple[Backend, ...]] = {}
 
@@ -112,14 +130,19 @@ class Registry:
         await self._db.execute("PRAGMA synchronous=NORMAL")
         await self._db.execute("PRAGMA busy_timeout=5000")
         await self._db.executescript(_SCHEMA)
+        async with self._db.execute("PRAGMA table_info(backends)") as cursor:
+            present = {row["name"] async for row in cursor}
+        for column, kind in _ADDED_COLUMNS.items():
+            if column not in present:
+                await self._db.execute(f"ALTER TABLE backends ADD COLUMN {column} {kind}")
         await self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
         await self._db.commit()
         async with self._db.execute("SELECT * FROM backends ORDER BY created_at") as cursor:
             async for row in cursor:
                 backend = Backend(
                     row["id"], row["name"], row["url"], tuple(json.loads(row["models"])), "api",
-                    row["owner_name"], row["owner_email"], row["description"],
                     last_error=row["last_error"], created_at=row["created_at"],
+                    **{name: row[name] for name in EDITABLE[3:]},
                 )  # fmt: skip
                 self.backends[backend.id] = backend
         self._reindex()
@@ -171,20 +194,21 @@ class Registry:
 
     # -- writes: SQLite first, then memory -------------------------------------
 
-    async def add(self, url: str, models: Iterable[str], name: str | None = None, **owner: str | None) -> Backend:
+    async def add(self, url: str, models: Iterable[str], name: str | None = None, **fields: Any) -> Backend:
+        """Register a backend; ``fields`` are other EDITABLE ones (owner, api_key, timeouts)."""
         now = time.time()
         url = url.rstrip("/")
         backend = Backend(uuid.uuid4().hex, name or _default_name(url), url, tuple(models), "api", created_at=now)
-        for key, value in owner.items():
+        for key, value in fields.items():
+            if key not in EDITABLE:
+                raise ValueError(f"not a backend field: {key}")
             setattr(backend, key, value)
+        columns = ("id", "name", "url", "models", *EDITABLE[3:], "status", "status_since", "created_at", "updated_at")
+        values = (backend.id, backend.name, backend.url, json.dumps(backend.models),
+                  *(getattr(backend, c) for c in EDITABLE[3:]), backend.status, now, now, now)  # fmt: skip
         await self.db.execute(
-            "INSERT INTO backends (id, name, url, models, owner_name, owner_email, description,"
-            " status, status_since, created_at, updated_at) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
-            (
-                backend.id, backend.name, backend.url, json.dumps(backend.models), backend.owner_name,
-                backend.owner_email, backend.description, backend.status, now, now, now,
-            ),
-        )  # fmt: skip
+            f"INSERT INTO backends ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))})", values
+        )
         await self.db.commit()
         self.backends[backend.id] = backend
         self._reindex()

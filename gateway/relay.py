@@ -1,13 +1,17 @@
 """The byte relay: route a call to a backend, fail over, stream the answer back.
 
 The client's body is forwarded as received; the backend's bytes are written to
-the client as they arrive. Failover happens only while nothing has been sent.
+the client as they arrive. Failover happens only while nothing has been sent;
+after that, a failure ends the stream with an error event.
 """
 
 from __future__ import annotations
 
 import asyncio
+import email.utils
 import json
+import time
+from dataclasses import dataclass
 from time import perf_counter as _now
 from typing import TYPE_CHECKING
 
@@ -32,17 +36,28 @@ HOP_BY_HOP = frozenset(
 _NOT_FORWARDED = HOP_BY_HOP | {"host", "content-length", "authorization", "x-api-key", "cookie"}
 # Not copied back to the client: hop-by-hop, or recomputed by the gateway.
 _NOT_RETURNED = HOP_BY_HOP | {"content-length", "set-cookie"}
-
+RETRY_STATUSES = frozenset({408, 429})
 BACKEND_ERRORS = (aiohttp.ClientError, asyncio.TimeoutError)
+CLIENT_GONE = (ConnectionResetError, aiohttp.ClientConnectionResetError)
+
+
+@dataclass(slots=True)
+class Failure:
+    """One try that did not work out: which backend, why, and what it asked for."""
+
+    backend: Backend
+    reason: str
+    status: int | None = None
+    retry_after: float | None = None
+    mid_stream: bool = False
 
 
 class BackendFailed(Exception):
-    """A backend could not answer; the next candidate may."""
+    """A backend could not answer; the next candidate may. ``response`` is its own error, if it sent one."""
 
-    def __init__(self, backend: Backend, reason: str, response: web.Response | None = None) -> None:
-        super().__init__(reason)
-        self.backend = backend
-        self.reason = reason
+    def __init__(self, failure: Failure, response: web.Response | None = None) -> None:
+        super().__init__(failure.reason)
+        self.failure = failure
         self.response = response
 
 
@@ -67,6 +82,8 @@ def _returned_headers(upstream: aiohttp.ClientResponse, call: Call) -> CIMultiDi
     out["X-Request-ID"] = call.request_id
     if call.backend is not None:
         out["X-Multiverse-Backend"] = call.backend.name
+    out["X-Multiverse-Model"] = call.model
+    out["X-Multiverse-Attempts"] = str(call.attempts)
     out.update(call.response_headers)
     return out
 
@@ -103,96 +120,182 @@ def _no_backend(gateway: Gateway, model: str) -> GatewayError:
 
 
 async def relay(gateway: Gateway, call: Call) -> web.StreamResponse:
-    """Send the call to its candidates in order until one answers."""
-    ordered = order_candidates(gateway, call)
+    """Try the model's candidates in order, then its fallback models', until one answers."""
+    routing = gateway.config.routing
+    deadline = asyncio.get_running_loop().time() + routing.deadline
     headers = forward_headers(call.request, call.request_id)
-    failures: list[BackendFailed] = []
-    for backend in ordered[: gateway.config.routing.max_attempts]:
-        call.attempts += 1
-        call.backend = backend
-        backend.in_flight += 1
+    chain = [call.model, *routing.fallbacks.get(call.model, ())]
+    refusals: list[GatewayError] = []
+    last_response: web.Response | None = None
+    for model in chain:
+        if model != call.model:
+            call.replace_json({**call.json, "model": model})
         try:
-            return await _attempt(gateway, call, backend, headers)
-        except BackendFailed as failure:
-            backend.failed += 1
-            failures.append(failure)
-            gateway.log.warning(
-                "backend_failed", request_id=call.request_id, backend=backend.name, reason=failure.reason
-            )
-        finally:
-            backend.in_flight -= 1
-    last = failures[-1]
-    if last.response is not None:
-        return last.response  # the backend's own 5xx, passed on
-    tried = "; ".join(f"{f.backend.name}: {f.reason}" for f in failures)
+            ordered = order_candidates(gateway, call)
+        except GatewayError as refusal:
+            refusals.append(refusal)
+            continue
+        for backend in ordered[: routing.max_attempts]:
+            if asyncio.get_running_loop().time() >= deadline:
+                break
+            call.attempts += 1
+            call.backend = backend
+            backend.in_flight += 1
+            try:
+                return await _attempt(gateway, call, backend, headers, deadline)
+            except BackendFailed as failed:
+                backend.failed += 1
+                call.failures.append(failed.failure)
+                last_response = failed.response or last_response
+                gateway.log.warning(
+                    "backend_failed", request_id=call.request_id, backend=backend.name, reason=failed.failure.reason
+                )
+            finally:
+                backend.in_flight -= 1
+    call.backend = None
+    if last_response is not None:
+        return last_response  # the backend's own 5xx or 429, passed on
+    if not call.failures and refusals:
+        raise refusals[0]  # nothing was even tried: unknown model, or all unhealthy
+    names = " or ".join(f"'{m}'" for m in chain)
+    tried = "; ".join(f"{f.backend.name}: {f.reason}" for f in call.failures) or "nothing could be tried"
+    if asyncio.get_running_loop().time() >= deadline:
+        raise GatewayError(
+            504,
+            f"no backend started answering model {names} within routing.deadline ({routing.deadline:g}s); "
+            f"tried: {tried}",
+            code="deadline_exceeded",
+        )
     raise GatewayError(
-        503,
-        f"no backend could serve model '{call.model}' ({tried}); try again shortly",
-        code="backend_unavailable",
+        503, f"no backend could serve model {names} ({tried}); try again shortly", code="backend_unavailable"
     )
 
 
-async def _attempt(gateway: Gateway, call: Call, backend: Backend, headers: CIMultiDict[str]) -> web.StreamResponse:
+async def _attempt(
+    gateway: Gateway, call: Call, backend: Backend, headers: CIMultiDict[str], deadline: float
+) -> web.StreamResponse:
+    routing = gateway.config.routing
+    ttft = backend.ttft_timeout or routing.ttft_timeout
+    first_byte_by = asyncio.get_running_loop().time() + ttft
+    limit = f"{ttft:g}s (routing.ttft_timeout)"
+    if first_byte_by > deadline:
+        first_byte_by, limit = deadline, "routing.deadline"
+    if backend.api_key:
+        headers = headers.copy()
+        headers["Authorization"] = f"Bearer {backend.api_key}"
+    timeout = _connect_timeout(backend.connect_timeout) if backend.connect_timeout else None
     url = f"{backend.url}/v1/{call.endpoint}"
     try:
-        upstream = await gateway.http.post(url, data=call.body, headers=headers, allow_redirects=False)
-    except BACKEND_ERRORS as exc:
-        raise BackendFailed(backend, _describe(exc)) from None
+        async with asyncio.timeout_at(first_byte_by):
+            upstream = await gateway.http.post(
+                url, data=call.body, headers=headers, allow_redirects=False, timeout=timeout
+            )
+    except TimeoutError:
+        raise BackendFailed(Failure(backend, f"no answer within {limit}")) from None
+    except aiohttp.ClientError as exc:
+        raise BackendFailed(Failure(backend, _describe(exc))) from None
     try:
-        if upstream.status >= 500:
-            body = await _read(upstream, backend)
-            response = web.Response(status=upstream.status, body=body, headers=_returned_headers(upstream, call))
-            raise BackendFailed(backend, f"HTTP {upstream.status}", response)
+        stall = backend.stall_timeout or routing.stall_timeout
+        status = upstream.status
+        if status >= 500 or status in RETRY_STATUSES:
+            body = await _read(upstream, backend, stall)
+            response = web.Response(status=status, body=body, headers=_returned_headers(upstream, call))
+            failure = Failure(backend, f"HTTP {status}", status, _retry_after(upstream.headers.get("Retry-After")))
+            raise BackendFailed(failure, response)
         if call.stream or upstream.content_type == "text/event-stream":
-            return await _stream(call, upstream, backend)
-        body = await _read(upstream, backend)
+            return await _stream(call, upstream, backend, first_byte_by, limit, stall)
+        body = await _read(upstream, backend, stall)
         call.first_byte_at = _now()
         call.bytes_out = len(body)
-        call.status = upstream.status
+        call.status = status
         backend.served += 1
-        return web.Response(status=upstream.status, body=body, headers=_returned_headers(upstream, call))
+        return web.Response(status=status, body=body, headers=_returned_headers(upstream, call))
     finally:
         upstream.release()
 
 
-async def _read(upstream: aiohttp.ClientResponse, backend: Backend) -> bytes:
+async def _read(upstream: aiohttp.ClientResponse, backend: Backend, stall: float) -> bytes:
     try:
-        return await upstream.read()
-    except BACKEND_ERRORS as exc:
-        raise BackendFailed(backend, _describe(exc)) from None
+        async with asyncio.timeout(stall):
+            return await upstream.read()
+    except TimeoutError:
+        raise BackendFailed(Failure(backend, f"the response stalled for {stall:g}s")) from None
+    except aiohttp.ClientError as exc:
+        raise BackendFailed(Failure(backend, _describe(exc))) from None
 
 
-async def _stream(call: Call, upstream: aiohttp.ClientResponse, backend: Backend) -> web.StreamResponse:
+async def _stream(
+    call: Call, upstream: aiohttp.ClientResponse, backend: Backend, first_byte_by: float, limit: str, stall: float
+) -> web.StreamResponse:
     """Relay chunks as they arrive; after the first byte, failures end the stream instead."""
     content = upstream.content
     try:
-        chunk = await content.readany()
-    except BACKEND_ERRORS as exc:
-        raise BackendFailed(backend, _describe(exc)) from None
+        async with asyncio.timeout_at(first_byte_by):
+            chunk = await content.readany()
+    except TimeoutError:
+        raise BackendFailed(Failure(backend, f"no first token within {limit}")) from None
+    except aiohttp.ClientError as exc:
+        raise BackendFailed(Failure(backend, _describe(exc))) from None
     response = web.StreamResponse(status=upstream.status, headers=_returned_headers(upstream, call))
     call.status = upstream.status
     call.first_byte_at = _now()
-    request = call.request
+    loop = asyncio.get_running_loop()
+    failure: str | None = None
     try:
-        await response.prepare(request)
-        while chunk:
-            await response.write(chunk)
-            call.bytes_out += len(chunk)
-            call.chunks += 1
-            try:
-                chunk = await content.readany()
-            except BACKEND_ERRORS as exc:
-                backend.failed += 1
-                call.error = f"backend {backend.name} failed mid-stream: {_describe(exc)}"
-                await response.write(_sse_error(call.error))
-                break
-        else:
+        await response.prepare(call.request)
+        try:
+            async with asyncio.timeout(None) as stall_guard:
+                while chunk:
+                    await response.write(chunk)
+                    call.bytes_out += len(chunk)
+                    call.chunks += 1
+                    stall_guard.reschedule(loop.time() + stall)
+                    try:
+                        chunk = await content.readany()
+                    except aiohttp.ClientError as exc:
+                        failure = _describe(exc)
+                        break
+                    stall_guard.reschedule(None)
+        except TimeoutError:
+            failure = f"stalled: no chunk for {stall:g}s (routing.stall_timeout)"
+        if failure is None:
             backend.served += 1
+        else:
+            upstream.close()
+            backend.failed += 1
+            call.failures.append(Failure(backend, failure, mid_stream=True))
+            call.error = f"backend {backend.name} failed mid-stream: {failure}"
+            await response.write(_sse_error(call.error))
         await response.write_eof()
-    except (ConnectionResetError, aiohttp.ClientConnectionResetError):
+    except CLIENT_GONE:
         call.client_disconnected = True
         upstream.close()  # stop the backend generating for nobody
     return response
+
+
+_CONNECT_TIMEOUTS: dict[float, aiohttp.ClientTimeout] = {}
+
+
+def _connect_timeout(seconds: float) -> aiohttp.ClientTimeout:
+    """A per-backend connect timeout (cached: a handful of distinct values at most)."""
+    timeout = _CONNECT_TIMEOUTS.get(seconds)
+    if timeout is None:
+        timeout = _CONNECT_TIMEOUTS[seconds] = aiohttp.ClientTimeout(total=None, sock_connect=seconds)
+    return timeout
+
+
+def _retry_after(value: str | None) -> float | None:
+    """Seconds from a Retry-After header: a number, or an HTTP date."""
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        return max(0.0, email.utils.parsedate_to_datetime(value).timestamp() - time.time())
+    except (TypeError, ValueError):
+        return None
 
 
 def _sse_error(message: str) -> bytes:
@@ -203,5 +306,5 @@ def _sse_error(message: str) -> bytes:
 def _describe(exc: BaseException) -> str:
     if isinstance(exc, asyncio.TimeoutError):
         return "timed out"
-    text = str(exc) or type(exc).__name__
-    return f"{type(exc).__name__}: {text}" if str(exc) else text
+    text = str(exc)
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__

@@ -31,6 +31,7 @@ class FakeBackend:
     mode: str = "ok"
     error_status: int = 500
     error_payload: dict[str, Any] | None = None
+    error_headers: dict[str, str] | None = None
     chunks: int | None = None  # stream this many chunks instead of the prompt's words
     delay: float = 0.0  # seconds between streamed chunks
     first_delay: float = 0.0  # seconds before the first chunk
@@ -73,7 +74,7 @@ class FakeBackend:
             payload = self.error_payload or {
                 "error": {"message": f"fake failure {self.error_status}", "type": "server_error"}
             }
-            return web.json_response(payload, status=self.error_status)
+            return web.json_response(payload, status=self.error_status, headers=self.error_headers)
         body = json.loads(raw)
         if body.get("model") not in self.models:
             return web.json_response(error_body(f"fake serves {self.models}"), status=404)

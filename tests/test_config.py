@@ -24,7 +24,7 @@ def _problems(data: object) -> list[str]:
 def test_every_problem_is_listed_with_its_path() -> None:
     problems = _problems({
         "server": {"prot": 80},
-        "routing": {"max_attempts": "three", "read_timeout": 0},
+        "routing": {"max_attempts": "three", "stall_timeout": 0},
         "backends": [{"name": "a", "url": "ftp://x", "models": []}, {"name": "a", "url": "http://h", "models": ["m"]}],
         "logging": {"level": "verbose"},
         "admin": {"api_key": "too-short"},
@@ -32,7 +32,7 @@ def test_every_problem_is_listed_with_its_path() -> None:
     assert problems == [
         "server.prot: unknown key; did you mean 'port'?",
         "routing.max_attempts: expected integer, got str 'three'",
-        "routing.read_timeout: must be greater than 0, got 0.0",
+        "routing.stall_timeout: must be greater than 0, got 0.0",
         "backends[0].url: must be an http:// or https:// URL with a host, got 'ftp://x'",
         "backends[0].models: must list at least one model name",
         "logging.level: must be one of 'debug', 'info', 'warning', 'error', got 'verbose'",

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import time
+from typing import Any
 
 import aiohttp
+import openai
+import pytest
 
-from tests.conftest import StartBackend, StartGateway, closed_port_url
+from tests.conftest import ADMIN, StartBackend, StartGateway, closed_port_url, eventually
 from tests.fake_backend import FakeBackend
 
 CHAT = {"model": "echo", "messages": [{"role": "user", "content": "hello"}]}
@@ -89,13 +93,144 @@ async def test_max_attempts_caps_the_backends_tried(start_backend: StartBackend,
     assert sorted(statuses) == [200, 200, 503]
 
 
-async def test_backend_silent_past_read_timeout_is_failed_over(
+async def test_backend_silent_past_ttft_timeout_is_failed_over(
     start_backend: StartBackend, start_gateway: StartGateway
 ) -> None:
     hanging = await start_backend(mode="hang")
     good = await start_backend()
-    gateway = await start_gateway(hanging, good, routing={"read_timeout": 0.3})
+    gateway = await start_gateway(hanging, good, routing={"ttft_timeout": 0.3})
     started = time.perf_counter()
     status, _, headers = await _post(gateway.url)
     assert status == 200 and headers["X-Multiverse-Backend"] == "b1"
     assert time.perf_counter() - started < 2
+
+
+# -- retries, timeouts, fallbacks -------------------------------------------------------
+
+OBSERVE = {"tests.observer_plugin": None}
+
+
+def _observed(gateway: Any) -> list[Any]:
+    return gateway.state.plugins.pm.get_plugin("tests.observer_plugin").calls
+
+
+async def test_429_is_retried_elsewhere_and_its_retry_after_recorded(
+    start_backend: StartBackend, start_gateway: StartGateway
+) -> None:
+    busy = await start_backend(mode="error", error_status=429, error_headers={"Retry-After": "7"})
+    good = await start_backend()
+    gateway = await start_gateway(busy, good, plugins=OBSERVE)
+    status, _, headers = await _post(gateway.url)
+    assert status == 200 and headers["X-Multiverse-Backend"] == "b1" and headers["X-Multiverse-Attempts"] == "2"
+    (failure,) = _observed(gateway)[0].failures
+    assert (failure.backend.name, failure.status, failure.retry_after) == ("b0", 429, 7.0)
+
+
+async def test_408_is_retried_and_when_all_are_busy_the_429_is_passed_on(
+    start_backend: StartBackend, start_gateway: StartGateway
+) -> None:
+    timeout = await start_backend(mode="error", error_status=408)
+    busy = await start_backend(mode="error", error_status=429, error_headers={"Retry-After": "3"})
+    gateway = await start_gateway(timeout, busy)
+    status, body, headers = await _post(gateway.url)
+    assert status == 429 and headers["Retry-After"] == "3"
+    assert "fake failure 429" in body["error"]["message"]
+    assert len(timeout.seen) == len(busy.seen) == 1
+
+
+async def test_slow_first_token_fails_over_before_any_byte(
+    start_backend: StartBackend, start_gateway: StartGateway
+) -> None:
+    slow = await start_backend(first_delay=5, chunks=2)
+    fast = await start_backend(chunks=2)
+    gateway = await start_gateway(slow, fast, routing={"ttft_timeout": 0.3})
+    started = time.perf_counter()
+    client = openai.AsyncOpenAI(base_url=gateway.base_url, api_key="x", max_retries=0)
+    stream = await client.chat.completions.create(**CHAT, stream=True)
+    text = "".join([c.choices[0].delta.content or "" async for c in stream])
+    assert text == "w0 w1" and time.perf_counter() - started < 2
+    await client.close()
+
+
+async def test_a_stalled_stream_is_cut_and_counted(start_backend: StartBackend, start_gateway: StartGateway) -> None:
+    stalling = await start_backend(chunks=3, delay=30)
+    gateway = await start_gateway(stalling, routing={"stall_timeout": 0.3}, plugins=OBSERVE)
+    client = openai.AsyncOpenAI(base_url=gateway.base_url, api_key="x", max_retries=0)
+    stream = await client.chat.completions.create(**CHAT, stream=True)
+    received = []
+    started = time.perf_counter()
+    with pytest.raises(openai.APIError, match=r"stalled: no chunk for 0\.3s"):
+        async for chunk in stream:
+            received.append(chunk.choices[0].delta.content)
+    assert received == ["w0"] and time.perf_counter() - started < 2
+    await eventually(lambda: bool(_observed(gateway)))
+    (failure,) = _observed(gateway)[0].failures
+    assert failure.mid_stream and failure.backend.name == "b0"
+    assert gateway.state.registry.backends["config:b0"].failed == 1
+    await eventually(lambda: stalling.cancelled == 1)  # the backend was hung up on
+    await client.close()
+
+
+async def test_per_backend_timeouts_override_the_global_ones(
+    start_backend: StartBackend, start_gateway: StartGateway
+) -> None:
+    hanging, good = await start_backend(mode="hang"), await start_backend()
+    backends = [
+        {"name": "impatient", "url": hanging.url, "models": ["echo"], "ttft_timeout": 0.2},
+        {"name": "good", "url": good.url, "models": ["echo"]},
+    ]
+    gateway = await start_gateway(backends=backends, routing={"ttft_timeout": 30})
+    started = time.perf_counter()
+    status, _, headers = await _post(gateway.url)
+    assert status == 200 and headers["X-Multiverse-Backend"] == "good"
+    assert time.perf_counter() - started < 2
+
+
+async def test_the_deadline_bounds_all_tries(start_backend: StartBackend, start_gateway: StartGateway) -> None:
+    first, second = await start_backend(mode="hang"), await start_backend(mode="hang")
+    gateway = await start_gateway(first, second, routing={"deadline": 0.5, "ttft_timeout": 10})
+    started = time.perf_counter()
+    status, body, _ = await _post(gateway.url)
+    elapsed = time.perf_counter() - started
+    assert status == 504 and 0.45 < elapsed < 1.5
+    message = body["error"]["message"]
+    assert "no backend started answering model 'echo' within routing.deadline (0.5s)" in message
+    assert body["error"]["code"] == "deadline_exceeded"
+
+
+async def test_fallback_models_serve_when_the_first_cannot(
+    start_backend: StartBackend, start_gateway: StartGateway
+) -> None:
+    small = await start_backend(models=["small"])
+    backends = [
+        {"name": "big-box", "url": closed_port_url(), "models": ["big"]},
+        {"name": "small-box", "url": small.url, "models": ["small"]},
+    ]
+    gateway = await start_gateway(
+        backends=backends, routing={"fallbacks": {"big": ["medium", "small"], "ghost": ["small"]}}
+    )
+    client = openai.AsyncOpenAI(base_url=gateway.base_url, api_key="x", max_retries=0)
+    raw = await client.chat.completions.with_raw_response.create(model="big", messages=CHAT["messages"])
+    answer = raw.parse()
+    assert answer.model == "small" and answer.choices[0].message.content == "hello"
+    assert raw.headers["X-Multiverse-Model"] == "small" and raw.headers["X-Multiverse-Attempts"] == "2"
+    assert json.loads(small.seen[-1].body)["model"] == "small"
+    # a model no backend serves at all falls back too
+    assert (await client.chat.completions.create(model="ghost", messages=CHAT["messages"])).model == "small"
+    await client.close()
+
+
+async def test_a_backend_key_is_sent_to_that_backend_only(
+    start_backend: StartBackend, start_gateway: StartGateway
+) -> None:
+    keyed = await start_backend()
+    backends = [{"name": "keyed", "url": keyed.url, "models": ["echo"], "api_key": "sk-backend-only"}]
+    gateway = await start_gateway(backends=backends)
+    async with aiohttp.ClientSession() as session:
+        headers = {"Authorization": "Bearer sk-client"}
+        async with session.post(gateway.base_url + "/chat/completions", json=CHAT, headers=headers) as response:
+            assert response.status == 200
+        async with session.get(gateway.url + "/admin/servers", headers=ADMIN) as response:
+            listed = await response.text()
+    assert keyed.seen[-1].headers["Authorization"] == "Bearer sk-backend-only"
+    assert "sk-backend-only" not in listed and '"has_api_key": true' in listed
