@@ -31,6 +31,7 @@ from gateway.validate import ValidationError, build, did_you_mean
 BUILTIN = {
     "round_robin": "plugins.round_robin",
     "health": "plugins.health",
+    "circuit_breaker": "plugins.circuit_breaker",
 }
 ENTRY_POINT_GROUP = "multiverse.plugins"
 HookFn = Callable[..., Any]

@@ -75,6 +75,8 @@ class Backend:
     in_flight: int = 0
     served: int = 0
     failed: int = 0
+    notes: dict[str, Any] = field(default_factory=dict)
+    """Plugins' per-backend state worth showing (e.g. a circuit breaker's), keyed by plugin."""
 
     @property
     def routable(self) -> bool:
@@ -104,6 +106,7 @@ class Backend:
             "in_flight": self.in_flight,
             "requests_served": self.served,
             "requests_failed": self.failed,
+            "notes": self.notes,
         }
 
 

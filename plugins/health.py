@@ -1,20 +1,27 @@
-"""health: probe every backend on a timer; mark it unhealthy after N failures, healthy after M successes.
+"""health: probe every backend; unhealthy after N failures, healthy again after M successes.
 
-A probe is a cheap ``GET {url}{path}`` (never a completion). Only routable
-backends receive traffic, so an unhealthy one is skipped until it recovers.
+A probe is a cheap ``GET {url}{path}`` (never a completion), carrying the
+backend's own key if it has one, and at most one at a time per backend.
+Unhealthy backends are probed less and less often (exponential backoff with
+jitter, capped), and re-admitted on their own once they answer again. With
+``path: /v1/models``, a backend that no longer lists the models it was
+registered for is marked ``mismatched`` and gets no traffic.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
+import random
+import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import aiohttp
 
 from gateway import hookimpl
-from gateway.registry import HEALTHY, UNHEALTHY, Backend
+from gateway.registry import HEALTHY, MISMATCHED, UNHEALTHY, Backend
 
 if TYPE_CHECKING:
     from gateway.state import Gateway
@@ -37,12 +44,22 @@ class Options:
     )
     healthy_after: int = field(default=1, metadata={"doc": "consecutive successes to mark healthy", "check": _positive})
     path: str = field(default="/v1/models", metadata={"doc": "what to GET; /health also works", "check": _path})
+    max_interval: float = field(
+        default=60.0, metadata={"doc": "longest wait between probes of an unhealthy backend", "check": _positive}
+    )
+
+
+@dataclass
+class Track:
+    url: str
+    streak: int = 0  # > 0: consecutive successes, < 0: consecutive failures
+    next_probe: float = 0.0
 
 
 class Plugin:
     def __init__(self, options: Options | None = None) -> None:
         self.options = options or Options()
-        self._streaks: dict[str, int] = {}  # > 0: consecutive successes, < 0: consecutive failures
+        self.tracks: dict[str, Track] = {}
         self._task: asyncio.Task[None] | None = None
 
     @hookimpl
@@ -57,43 +74,76 @@ class Plugin:
                 await self._task
 
     async def _run(self, gateway: Gateway) -> None:
+        tick = min(self.options.interval, 1.0)
         while True:
-            await self.probe_all(gateway)
-            await asyncio.sleep(self.options.interval)
+            await self.probe_due(gateway)
+            await asyncio.sleep(tick)
 
-    async def probe_all(self, gateway: Gateway) -> None:
-        """One round: every backend probed concurrently, each at most once."""
+    async def probe_due(self, gateway: Gateway, now: float | None = None) -> None:
+        """Probe, concurrently, every backend whose turn has come; each at most once."""
+        now = time.monotonic() if now is None else now
         backends = list(gateway.registry.backends.values())
-        self._streaks = {b.id: self._streaks.get(b.id, 0) for b in backends}
-        await asyncio.gather(*(self._probe(gateway, b) for b in backends))
+        tracks = {}
+        for backend in backends:  # a backend that moved to a new URL starts afresh
+            track = self.tracks.get(backend.id)
+            tracks[backend.id] = track if track is not None and track.url == backend.url else Track(backend.url)
+        self.tracks = tracks
+        due = [b for b in backends if tracks[b.id].next_probe <= now]
+        await asyncio.gather(*(self._probe(gateway, b, tracks[b.id]) for b in due))
 
-    async def _probe(self, gateway: Gateway, backend: Backend) -> None:
-        error = await self._check(gateway, backend)
-        streak = self._streaks.get(backend.id, 0)
-        if error is None:
-            streak = max(streak, 0) + 1
-            if backend.status != HEALTHY and streak >= self.options.healthy_after:
+    async def _probe(self, gateway: Gateway, backend: Backend, track: Track) -> None:
+        status, error = await self._check(gateway, backend)
+        options = self.options
+        if status == HEALTHY:
+            track.streak = max(track.streak, 0) + 1
+            if backend.status != HEALTHY and track.streak >= options.healthy_after:
                 await self._transition(gateway, backend, HEALTHY, None)
+        elif status == MISMATCHED:
+            track.streak = 0
+            if backend.status != MISMATCHED or backend.last_error != error:
+                await self._transition(gateway, backend, MISMATCHED, error)
         else:
-            streak = min(streak, 0) - 1
-            if backend.status != UNHEALTHY and -streak >= self.options.unhealthy_after:
+            track.streak = min(track.streak, 0) - 1
+            if backend.status != UNHEALTHY and -track.streak >= options.unhealthy_after:
                 await self._transition(gateway, backend, UNHEALTHY, error)
-        self._streaks[backend.id] = streak
+        wait = options.interval
+        if backend.status == UNHEALTHY:  # back off: 2x per further failure, capped, +-20 % jitter
+            extra = max(0, -track.streak - options.unhealthy_after)
+            wait = min(options.max_interval, options.interval * 2 ** min(extra, 16)) * random.uniform(0.8, 1.2)
+        track.next_probe = time.monotonic() + wait
 
-    async def _check(self, gateway: Gateway, backend: Backend) -> str | None:
-        url = backend.url + self.options.path
+    async def _check(self, gateway: Gateway, backend: Backend) -> tuple[str, str | None]:
+        path = self.options.path
+        headers = {"Authorization": f"Bearer {backend.api_key}"} if backend.api_key else None
         try:
             timeout = aiohttp.ClientTimeout(total=self.options.timeout)
-            async with gateway.http.get(url, timeout=timeout, allow_redirects=False) as response:
-                await response.read()
-                return None if response.status == 200 else f"GET {self.options.path} answered HTTP {response.status}"
+            async with gateway.http.get(
+                backend.url + path, timeout=timeout, allow_redirects=False, headers=headers
+            ) as response:
+                body = await response.read()
         except TimeoutError:
-            return f"GET {self.options.path} timed out after {self.options.timeout:g}s"
+            return UNHEALTHY, f"GET {path} timed out after {self.options.timeout:g}s"
         except aiohttp.ClientError as exc:
-            return f"GET {self.options.path} failed: {type(exc).__name__}"
+            return UNHEALTHY, f"GET {path} failed: {type(exc).__name__}"
+        if response.status != 200:
+            return UNHEALTHY, f"GET {path} answered HTTP {response.status}"
+        if path == "/v1/models":
+            missing = sorted(set(backend.models) - _listed_models(body))
+            if missing:
+                return MISMATCHED, f"registered for {', '.join(missing)}, which GET /v1/models does not list"
+        return HEALTHY, None
 
     async def _transition(self, gateway: Gateway, backend: Backend, status: str, error: str | None) -> None:
         previous = backend.status
         await gateway.registry.set_status(backend, status, error)
-        log = gateway.log.warning if status == UNHEALTHY else gateway.log.info
+        log = gateway.log.info if status == HEALTHY else gateway.log.warning
         log("backend_health_changed", backend=backend.name, status=status, previous=previous, error=error)
+
+
+def _listed_models(body: bytes) -> set[str]:
+    """Model ids from an OpenAI /v1/models answer; an unreadable one lists nothing."""
+    try:
+        entries = json.loads(body).get("data") or []
+    except (ValueError, AttributeError):
+        return set()
+    return {e["id"] for e in entries if isinstance(e, dict) and isinstance(e.get("id"), str)}

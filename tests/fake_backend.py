@@ -38,6 +38,8 @@ class FakeBackend:
     die_after: int = 2
     models_status: int = 200
     seen: list[Seen] = field(default_factory=list)
+    probes: list[dict[str, str]] = field(default_factory=list)  # headers of each GET /v1/models or /health
+    listed_models: list[str] | None = None  # what GET /v1/models lists, if not ``models``
     cancelled: int = 0
     url: str = ""
 
@@ -50,12 +52,15 @@ class FakeBackend:
         return app
 
     async def _models(self, request: web.Request) -> web.Response:
+        self.probes.append(dict(request.headers))
         if self.mode == "hang":
             await asyncio.sleep(3600)
-        data = [{"id": m, "object": "model", "created": 0, "owned_by": "fake"} for m in self.models]
+        listed = self.models if self.listed_models is None else self.listed_models
+        data = [{"id": m, "object": "model", "created": 0, "owned_by": "fake"} for m in listed]
         return web.json_response({"object": "list", "data": data}, status=self.models_status)
 
-    async def _health(self, _: web.Request) -> web.Response:
+    async def _health(self, request: web.Request) -> web.Response:
+        self.probes.append(dict(request.headers))
         return web.json_response({"status": "ok"}, status=self.models_status)
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:

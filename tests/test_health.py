@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
+
 import aiohttp
 
 from tests.conftest import ADMIN, StartBackend, StartGateway, closed_port_url, eventually
@@ -53,14 +56,15 @@ async def test_thresholds_are_respected(start_backend: StartBackend, start_gatew
     gateway = await start_gateway(backend, plugins=plugins)
     health = gateway.state.plugins.pm.get_plugin("health")
     b0 = gateway.state.registry.backends["config:b0"]
-    await eventually(lambda: health._streaks.get("config:b0") == -1)  # the start-up round
+    await eventually(lambda: "config:b0" in health.tracks and health.tracks["config:b0"].streak == -1)  # start-up round
     assert b0.status == "unknown"
-    await health.probe_all(gateway.state)
+    far = time.monotonic() + 10**6  # every backend is due
+    await health.probe_due(gateway.state, now=far)
     assert b0.status == "unhealthy"
     backend.models_status = 200
-    await health.probe_all(gateway.state)
+    await health.probe_due(gateway.state, now=far)
     assert b0.status == "unhealthy"
-    await health.probe_all(gateway.state)
+    await health.probe_due(gateway.state, now=far)
     assert b0.status == "healthy"
 
 
@@ -92,3 +96,45 @@ async def test_registered_backend_health_is_persisted(start_backend: StartBacken
     async with registry.db.execute("SELECT status, last_error FROM backends WHERE id = ?", (rid,)) as cursor:
         row = await cursor.fetchone()
     assert tuple(row) == ("unhealthy", "GET /v1/models answered HTTP 500")
+
+
+async def test_unhealthy_backends_are_probed_with_backoff_and_readmitted(
+    start_backend: StartBackend, start_gateway: StartGateway
+) -> None:
+    backend = await start_backend(models_status=500)
+    plugins = {"health": {"interval": 0.05, "unhealthy_after": 1, "max_interval": 0.4}}
+    gateway = await start_gateway(backend, plugins=plugins)
+    b0 = gateway.state.registry.backends["config:b0"]
+    await eventually(lambda: b0.status == "unhealthy")
+    started, before = time.monotonic(), len(backend.probes)
+    await asyncio.sleep(1.5)
+    probes = len(backend.probes) - before
+    assert 3 <= probes <= 12, f"{probes} probes in 1.5 s: no backoff (30 without)"
+    backend.models_status = 200
+    started = time.monotonic()
+    await eventually(lambda: b0.status == "healthy", timeout=3)
+    assert time.monotonic() - started < 0.4 * 1.2 + 0.2
+
+
+async def test_a_backend_listing_other_models_is_flagged_not_routed(
+    start_backend: StartBackend, start_gateway: StartGateway
+) -> None:
+    backend = await start_backend(models=["echo", "llama"], listed_models=["echo"])
+    gateway = await start_gateway(backend, plugins={"health": {"interval": 0.05}})
+    b0 = gateway.state.registry.backends["config:b0"]
+    await eventually(lambda: b0.status == "mismatched")
+    assert b0.last_error == "registered for llama, which GET /v1/models does not list"
+    assert await _models(gateway.url) == []
+    url = gateway.url + "/admin/servers?status=mismatched"
+    async with aiohttp.ClientSession() as session, session.get(url, headers=ADMIN) as r:
+        assert [s["name"] for s in (await r.json())["servers"]] == ["b0"]
+    backend.listed_models = None
+    await eventually(lambda: b0.status == "healthy")
+
+
+async def test_probes_carry_the_backend_key(start_backend: StartBackend, start_gateway: StartGateway) -> None:
+    backend = await start_backend()
+    backends = [{"name": "keyed", "url": backend.url, "models": ["echo"], "api_key": "sk-probe-key"}]
+    gateway = await start_gateway(backends=backends, plugins={"health": {"interval": 0.05, "path": "/health"}})
+    await eventually(lambda: gateway.state.registry.backends["config:keyed"].status == "healthy")
+    assert backend.probes[0]["Authorization"] == "Bearer sk-probe-key"

@@ -1,0 +1,142 @@
+"""circuit_breaker: passive health. Real traffic opens a backend's circuit; a trial request closes it.
+
+A circuit opens after ``consecutive_failures`` failures in a row, or when at least
+``error_ratio`` of the last ``window`` requests failed (once ``min_requests`` were
+seen). While open, the backend gets no traffic; after ``cooldown`` seconds one
+trial request is let through (half-open): success closes the circuit, failure
+opens it again. A 429 is not a failure: the backend is skipped for its
+Retry-After (or ``cooldown``) instead.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from gateway import hookimpl
+from gateway.logs import get_logger
+
+if TYPE_CHECKING:
+    from gateway.call import Call
+    from gateway.registry import Backend
+
+CLOSED, OPEN, HALF_OPEN = "closed", "open", "half_open"
+log = get_logger("multiverse.circuit_breaker")
+
+
+def _positive(value: float) -> str | None:
+    return None if value > 0 else f"must be greater than 0, got {value}"
+
+
+def _ratio(value: float) -> str | None:
+    return None if 0 < value <= 1 else f"must be a share between 0 and 1, got {value}"
+
+
+@dataclass(frozen=True)
+class Options:
+    consecutive_failures: int = field(default=3, metadata={"doc": "failures in a row that open", "check": _positive})
+    error_ratio: float = field(
+        default=0.5, metadata={"doc": "share of failures in the window that opens", "check": _ratio}
+    )
+    window: int = field(default=20, metadata={"doc": "recent requests the ratio is taken over", "check": _positive})
+    min_requests: int = field(
+        default=10, metadata={"doc": "requests in the window before the ratio counts", "check": _positive}
+    )
+    cooldown: float = field(default=15.0, metadata={"doc": "seconds open before a trial request", "check": _positive})
+
+
+@dataclass
+class Circuit:
+    window: deque[bool]
+    state: str = CLOSED
+    consecutive: int = 0
+    opened_at: float = 0.0
+    trial: str | None = None  # request id of the half-open trial in flight
+    busy_until: float = 0.0  # a 429's Retry-After
+
+
+class Plugin:
+    def __init__(self, options: Options | None = None) -> None:
+        self.options = options or Options()
+        self.circuits: dict[str, Circuit] = {}
+
+    def _circuit(self, backend: Backend) -> Circuit:
+        circuit = self.circuits.get(backend.id)
+        if circuit is None:
+            circuit = self.circuits[backend.id] = Circuit(deque(maxlen=self.options.window))
+        return circuit
+
+    @hookimpl
+    def filter_candidates(self, call: Call, candidates: list[Backend]) -> list[Backend] | None:
+        if not self.circuits:
+            return None
+        now = time.monotonic()
+        kept = []
+        for backend in candidates:
+            circuit = self.circuits.get(backend.id)
+            if circuit is None or self._admits(circuit, backend, call, now):
+                kept.append(backend)
+        return kept
+
+    def _admits(self, circuit: Circuit, backend: Backend, call: Call, now: float) -> bool:
+        if now < circuit.busy_until:
+            return False
+        if circuit.state == CLOSED:
+            return True
+        if circuit.state == OPEN and now - circuit.opened_at >= self.options.cooldown:
+            self._move(circuit, backend, HALF_OPEN, "cool-down over: one trial request")
+        if circuit.state == HALF_OPEN and circuit.trial is None:
+            circuit.trial = call.request_id
+            return True
+        return False
+
+    @hookimpl
+    def request_complete(self, call: Call) -> None:
+        now = time.monotonic()
+        for failure in call.failures:
+            circuit = self._circuit(failure.backend)
+            if failure.status == 429:
+                circuit.busy_until = now + (failure.retry_after or self.options.cooldown)
+            else:
+                self._record(circuit, failure.backend, False, failure.reason, now)
+        backend = call.backend
+        served = backend is not None and call.error is None and 0 < call.status < 500
+        if backend is not None and served:
+            self._record(self._circuit(backend), backend, True, None, now)
+        for circuit in self.circuits.values():  # a trial the strategy never tried is released
+            if circuit.trial == call.request_id:
+                circuit.trial = None
+
+    def _record(self, circuit: Circuit, backend: Backend, ok: bool, reason: str | None, now: float) -> None:
+        circuit.window.append(ok)
+        circuit.consecutive = 0 if ok else circuit.consecutive + 1
+        if circuit.state == HALF_OPEN:
+            circuit.trial = None
+            if ok:
+                circuit.window.clear()
+                self._move(circuit, backend, CLOSED, "trial request succeeded")
+            else:
+                circuit.opened_at = now
+                self._move(circuit, backend, OPEN, f"trial request failed: {reason}")
+            return
+        if ok or circuit.state != CLOSED:
+            return
+        failures = circuit.window.count(False)
+        if circuit.consecutive >= self.options.consecutive_failures:
+            why = f"{circuit.consecutive} failures in a row, last: {reason}"
+        elif (
+            len(circuit.window) >= self.options.min_requests
+            and failures / len(circuit.window) >= self.options.error_ratio
+        ):
+            why = f"{failures} of the last {len(circuit.window)} requests failed, last: {reason}"
+        else:
+            return
+        circuit.opened_at = now
+        self._move(circuit, backend, OPEN, why)
+
+    def _move(self, circuit: Circuit, backend: Backend, state: str, why: str) -> None:
+        circuit.state = state
+        backend.notes["circuit"] = {"state": state, "reason": why, "since": time.time()}
+        (log.warning if state == OPEN else log.info)(f"circuit_{state}", backend=backend.name, reason=why)
