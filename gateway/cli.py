@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import dataclasses
 import json
+import sqlite3
 import sys
 from pathlib import Path
 
@@ -87,6 +89,51 @@ def cmd_demo_backend(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_backup(args: argparse.Namespace) -> int:
+    from gateway.backup import backup
+
+    try:
+        count = backup(_load(args.config), Path(args.path))
+    except ConfigError as exc:
+        return _fail(exc, args.config)
+    except (OSError, sqlite3.Error) as exc:
+        print(f"backup failed: {exc}", file=sys.stderr)
+        return 1
+    print(f"backed up {count} registration(s) to {args.path}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from gateway.backup import export_registrations
+
+    try:
+        data = asyncio.run(export_registrations(_load(args.config), args.include_secrets))
+    except ConfigError as exc:
+        return _fail(exc, args.config)
+    text = json.dumps(data, indent=2)
+    if args.output:
+        Path(args.output).write_text(text + "\n")
+        print(f"exported {len(data['registrations'])} registration(s) to {args.output}", file=sys.stderr)
+    else:
+        print(text)
+    return 0
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    from gateway.backup import import_registrations
+
+    try:
+        data = json.loads(Path(args.path).read_text())
+        added, updated = asyncio.run(import_registrations(_load(args.config), data))
+    except ConfigError as exc:
+        return _fail(exc, args.config)
+    except (OSError, ValueError) as exc:
+        print(f"import failed: {exc}", file=sys.stderr)
+        return 1
+    print(f"imported: {added} added, {updated} updated (a running gateway sees them after a restart)")
+    return 0
+
+
 def cmd_schema(_: argparse.Namespace) -> int:
     from gateway.plugins import config_schema
 
@@ -122,6 +169,22 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--model", default="echo")
     demo.add_argument("--delay", type=float, default=0.05, help="seconds between streamed words")
     demo.set_defaults(func=cmd_demo_backend)
+
+    backup_cmd = sub.add_parser("backup", help="copy the registry database (safe while the gateway runs)")
+    backup_cmd.add_argument("path", help="where to write the copy")
+    backup_cmd.add_argument("--config", help=f"config file (default: ./{DEFAULT_CONFIG} if present)")
+    backup_cmd.set_defaults(func=cmd_backup)
+
+    export = sub.add_parser("export", help="print the registrations as JSON")
+    export.add_argument("--config", help=f"config file (default: ./{DEFAULT_CONFIG} if present)")
+    export.add_argument("--output", "-o", help="write to this file instead of standard output")
+    export.add_argument("--include-secrets", action="store_true", help="include backends' api_key values")
+    export.set_defaults(func=cmd_export)
+
+    import_cmd = sub.add_parser("import", help="add registrations from a `multiverse export` file")
+    import_cmd.add_argument("path")
+    import_cmd.add_argument("--config", help=f"config file (default: ./{DEFAULT_CONFIG} if present)")
+    import_cmd.set_defaults(func=cmd_import)
 
     schema_cmd = sub.add_parser("schema", help="print the JSON Schema of gateway.yaml")
     schema_cmd.set_defaults(func=cmd_schema)
