@@ -166,6 +166,10 @@ async def relay(gateway: Gateway, call: Call) -> web.StreamResponse:
             f"tried: {tried}",
             code="deadline_exceeded",
         )
+    if call.failures[-1:] and call.failures[-1].status is not None:  # it answered, but with garbage
+        raise GatewayError(
+            502, f"no backend gave a valid answer for model {names} ({tried})", code="bad_backend_response"
+        )
     raise GatewayError(
         503, f"no backend could serve model {names} ({tried}); try again shortly", code="backend_unavailable"
     )
@@ -205,6 +209,8 @@ async def _attempt(
         if call.stream or upstream.content_type == "text/event-stream":
             return await _stream(call, upstream, backend, first_byte_by, limit, stall)
         body = await _read(upstream, backend, stall)
+        if status < 300 and not _looks_like_json(body):
+            raise BackendFailed(Failure(backend, f"answered HTTP {status} with a body that is not JSON", status))
         call.first_byte_at = _now()
         call.bytes_out = len(body)
         call.status = status
@@ -271,6 +277,21 @@ async def _stream(
         call.client_disconnected = True
         upstream.close()  # stop the backend generating for nobody
     return response
+
+
+_FULL_CHECK_BYTES = 256 * 1024
+
+
+def _looks_like_json(body: bytes) -> bool:
+    """Whether a backend's answer is whole JSON: parsed when small, bracket-checked when large."""
+    if len(body) <= _FULL_CHECK_BYTES:
+        try:
+            json.loads(body)
+        except ValueError:
+            return False
+        return True
+    stripped = body.strip()
+    return stripped[:1] in (b"{", b"[") and stripped[-1:] in (b"}", b"]")
 
 
 _CONNECT_TIMEOUTS: dict[float, aiohttp.ClientTimeout] = {}

@@ -2,7 +2,8 @@
 
 ``mode`` decides what the next requests get: "ok" answers like the demo backend;
 "error" returns ``error_status``; "hang" never answers; "die_after" streams
-``die_after`` chunks then drops the connection. Every request is recorded.
+``die_after`` chunks then drops the connection; "garbage" and "truncated" answer
+200 with a body that is not JSON. Every request is recorded.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ class FakeBackend:
     delay: float = 0.0  # seconds between streamed chunks
     first_delay: float = 0.0  # seconds before the first chunk
     die_after: int = 2
+    latency: float = 0.0  # seconds before a non-streamed answer
     models_status: int = 200
     seen: list[Seen] = field(default_factory=list)
     probes: list[dict[str, str]] = field(default_factory=list)  # headers of each GET /v1/models or /health
@@ -75,6 +77,12 @@ class FakeBackend:
     async def _answer(self, request: web.Request, raw: bytes) -> web.StreamResponse:
         if self.mode == "hang":
             await asyncio.sleep(3600)
+        if self.mode == "garbage":
+            return web.Response(body=b"<html>502 Bad Gateway from the tunnel</html>", content_type="application/json")
+        if self.mode == "truncated":
+            return web.Response(
+                body=b'{"id": "chatcmpl-1", "object": "chat.completion", "choi', content_type="application/json"
+            )
         if self.mode == "error":
             payload = self.error_payload or {
                 "error": {"message": f"fake failure {self.error_status}", "type": "server_error"}
@@ -91,6 +99,7 @@ class FakeBackend:
         prompt = prompt_text(body)
         words = [f"w{i}" for i in range(self.chunks)] if self.chunks is not None else prompt.split()
         if not body.get("stream"):
+            await asyncio.sleep(self.latency)
             return web.json_response(completion_body(kind, body["model"], " ".join(words), prompt))
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
         await response.prepare(request)
