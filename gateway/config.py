@@ -141,6 +141,10 @@ class RoutingConfig:
             "check": _positive,
         },
     )
+    resume_streams: bool = field(
+        default=False,
+        metadata={"doc": "continue a stream that breaks mid-way on another backend, from the text so far"},
+    )
     fallbacks: dict[str, list[str]] = field(
         default_factory=dict,
         metadata={"doc": "model -> models to try, in order, when no backend of it can serve"},

@@ -20,6 +20,7 @@ from aiohttp import web
 from multidict import CIMultiDict
 
 from gateway.errors import GatewayError
+from gateway.resume import RESUMABLE, Continuation
 
 if TYPE_CHECKING:
     from gateway.call import Call
@@ -175,31 +176,48 @@ async def relay(gateway: Gateway, call: Call) -> web.StreamResponse:
     )
 
 
-async def _attempt(
-    gateway: Gateway, call: Call, backend: Backend, headers: CIMultiDict[str], deadline: float
-) -> web.StreamResponse:
-    routing = gateway.config.routing
-    ttft = backend.ttft_timeout or routing.ttft_timeout
-    first_byte_by = asyncio.get_running_loop().time() + ttft
-    limit = f"{ttft:g}s (routing.ttft_timeout)"
-    if first_byte_by > deadline:
-        first_byte_by, limit = deadline, "routing.deadline"
+def _first_byte_by(gateway: Gateway, backend: Backend, deadline: float) -> tuple[float, str]:
+    """When the backend's first byte is due, and which setting says so."""
+    ttft = backend.ttft_timeout or gateway.config.routing.ttft_timeout
+    due = asyncio.get_running_loop().time() + ttft
+    return (deadline, "routing.deadline") if due > deadline else (due, f"{ttft:g}s (routing.ttft_timeout)")
+
+
+async def _open(
+    gateway: Gateway, call: Call, backend: Backend, headers: CIMultiDict[str], body: bytes, due: tuple[float, str]
+) -> aiohttp.ClientResponse:
+    """Send the request to one backend and return its response once its headers are in."""
     if backend.api_key:
         headers = headers.copy()
         headers["Authorization"] = f"Bearer {backend.api_key}"
     timeout = _connect_timeout(backend.connect_timeout) if backend.connect_timeout else None
     url = f"{backend.url}/v1/{call.endpoint}"
     try:
-        async with asyncio.timeout_at(first_byte_by):
-            upstream = await gateway.http.post(
-                url, data=call.body, headers=headers, allow_redirects=False, timeout=timeout
-            )
+        async with asyncio.timeout_at(due[0]):
+            return await gateway.http.post(url, data=body, headers=headers, allow_redirects=False, timeout=timeout)
     except TimeoutError:
-        raise BackendFailed(Failure(backend, f"no answer within {limit}")) from None
+        raise BackendFailed(Failure(backend, f"no answer within {due[1]}")) from None
     except aiohttp.ClientError as exc:
         raise BackendFailed(Failure(backend, _describe(exc))) from None
+
+
+async def _first_chunk(content: aiohttp.StreamReader, backend: Backend, due: tuple[float, str]) -> bytes:
     try:
-        stall = backend.stall_timeout or routing.stall_timeout
+        async with asyncio.timeout_at(due[0]):
+            return await content.readany()
+    except TimeoutError:
+        raise BackendFailed(Failure(backend, f"no first token within {due[1]}")) from None
+    except aiohttp.ClientError as exc:
+        raise BackendFailed(Failure(backend, _describe(exc))) from None
+
+
+async def _attempt(
+    gateway: Gateway, call: Call, backend: Backend, headers: CIMultiDict[str], deadline: float
+) -> web.StreamResponse:
+    due = _first_byte_by(gateway, backend, deadline)
+    upstream = await _open(gateway, call, backend, headers, call.body, due)
+    try:
+        stall = backend.stall_timeout or gateway.config.routing.stall_timeout
         status = upstream.status
         if status >= 500 or status in RETRY_STATUSES:
             body = await _read(upstream, backend, stall)
@@ -207,7 +225,8 @@ async def _attempt(
             failure = Failure(backend, f"HTTP {status}", status, _retry_after(upstream.headers.get("Retry-After")))
             raise BackendFailed(failure, response)
         if call.stream or upstream.content_type == "text/event-stream":
-            return await _stream(call, upstream, backend, first_byte_by, limit, stall)
+            chunk = await _first_chunk(upstream.content, backend, due)
+            return await _stream(gateway, call, upstream, backend, chunk, headers)
         body = await _read(upstream, backend, stall)
         if status < 300 and not _looks_like_json(body):
             raise BackendFailed(Failure(backend, f"answered HTTP {status} with a body that is not JSON", status))
@@ -231,52 +250,113 @@ async def _read(upstream: aiohttp.ClientResponse, backend: Backend, stall: float
 
 
 async def _stream(
-    call: Call, upstream: aiohttp.ClientResponse, backend: Backend, first_byte_by: float, limit: str, stall: float
+    gateway: Gateway,
+    call: Call,
+    upstream: aiohttp.ClientResponse,
+    backend: Backend,
+    chunk: bytes,
+    headers: CIMultiDict[str],
 ) -> web.StreamResponse:
-    """Relay chunks as they arrive; after the first byte, failures end the stream instead."""
-    content = upstream.content
-    try:
-        async with asyncio.timeout_at(first_byte_by):
-            chunk = await content.readany()
-    except TimeoutError:
-        raise BackendFailed(Failure(backend, f"no first token within {limit}")) from None
-    except aiohttp.ClientError as exc:
-        raise BackendFailed(Failure(backend, _describe(exc))) from None
+    """Relay chunks as they arrive. After the first byte a failure ends the stream with an
+    error event, or, with routing.resume_streams, continues it on another backend."""
     response = web.StreamResponse(status=upstream.status, headers=_returned_headers(upstream, call))
     call.status = upstream.status
     call.first_byte_at = _now()
-    loop = asyncio.get_running_loop()
-    failure: str | None = None
+    routing = gateway.config.routing
+    resume = Continuation(call) if routing.resume_streams and call.endpoint in RESUMABLE else None
+    resumed: list[tuple[aiohttp.ClientResponse, Backend]] = []
     try:
         await response.prepare(call.request)
-        try:
-            async with asyncio.timeout(None) as stall_guard:
-                while chunk:
-                    await response.write(chunk)
-                    call.bytes_out += len(chunk)
-                    call.chunks += 1
-                    stall_guard.reschedule(loop.time() + stall)
-                    try:
-                        chunk = await content.readany()
-                    except aiohttp.ClientError as exc:
-                        failure = _describe(exc)
-                        break
-                    stall_guard.reschedule(None)
-        except TimeoutError:
-            failure = f"stalled: no chunk for {stall:g}s (routing.stall_timeout)"
-        if failure is None:
-            backend.served += 1
-        else:
-            upstream.close()
+        while True:
+            failure = await _pump(
+                response, call, upstream.content, chunk, backend.stall_timeout or routing.stall_timeout, resume
+            )
+            if failure is None:
+                backend.served += 1
+                break
+            upstream.close()  # stop the backend, whatever state it is in
             backend.failed += 1
             call.failures.append(Failure(backend, failure, mid_stream=True))
-            call.error = f"backend {backend.name} failed mid-stream: {failure}"
-            await response.write(_sse_error(call.error))
+            again = await _resume(gateway, call, resume, headers) if resume and not resume.finished else None
+            if again is None:
+                call.error = f"backend {backend.name} failed mid-stream: {failure}"
+                await response.write(_sse_error(call.error))
+                break
+            upstream, backend, chunk = again
+            resumed.append((upstream, backend))
         await response.write_eof()
     except CLIENT_GONE:
         call.client_disconnected = True
         upstream.close()  # stop the backend generating for nobody
+    finally:
+        for other, other_backend in resumed:
+            other.release()
+            other_backend.in_flight -= 1
     return response
+
+
+async def _pump(
+    response: web.StreamResponse,
+    call: Call,
+    content: aiohttp.StreamReader,
+    chunk: bytes,
+    stall: float,
+    resume: Continuation | None,
+) -> str | None:
+    """Copy one backend's stream to the client; return why it broke, or None at its end."""
+    loop = asyncio.get_running_loop()
+    try:
+        async with asyncio.timeout(None) as stall_guard:
+            while chunk:
+                await response.write(resume.feed(chunk) if resume else chunk)
+                call.bytes_out += len(chunk)
+                call.chunks += 1
+                stall_guard.reschedule(loop.time() + stall)
+                try:
+                    chunk = await content.readany()
+                except aiohttp.ClientError as exc:
+                    return _describe(exc)
+                stall_guard.reschedule(None)
+    except TimeoutError:
+        return f"stalled: no chunk for {stall:g}s (routing.stall_timeout)"
+    if resume:
+        await response.write(resume.flush())
+    return None
+
+
+async def _resume(
+    gateway: Gateway, call: Call, resume: Continuation, headers: CIMultiDict[str]
+) -> tuple[aiohttp.ClientResponse, Backend, bytes] | None:
+    """Open a continuation of the stream on a backend that has not failed this call."""
+    resume.drop_partial()
+    try:
+        ordered = order_candidates(gateway, call)
+    except GatewayError:
+        return None
+    failed = {f.backend.id for f in call.failures}
+    body = resume.body()
+    for backend in [b for b in ordered if b.id not in failed][: gateway.config.routing.max_attempts]:
+        call.attempts += 1
+        call.backend = backend
+        due = _first_byte_by(gateway, backend, float("inf"))
+        try:
+            upstream = await _open(gateway, call, backend, headers, body, due)
+            if upstream.status != 200:
+                upstream.release()
+                raise BackendFailed(Failure(backend, f"HTTP {upstream.status} to the continuation", upstream.status))
+            try:
+                chunk = await _first_chunk(upstream.content, backend, due)
+            except BackendFailed:
+                upstream.release()
+                raise
+        except BackendFailed as failed_try:
+            backend.failed += 1
+            call.failures.append(failed_try.failure)
+            continue
+        backend.in_flight += 1
+        gateway.log.info("stream_resumed", request_id=call.request_id, backend=backend.name)
+        return upstream, backend, chunk
+    return None
 
 
 _FULL_CHECK_BYTES = 256 * 1024

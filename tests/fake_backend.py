@@ -105,12 +105,13 @@ class FakeBackend:
         await response.prepare(request)
         await asyncio.sleep(self.first_delay)
         chunk_id = f"chatcmpl-{uuid.uuid4().hex[:12]}"
-        for i, word in enumerate(words):
+        start = len(_continued_prefix(body).split())  # a continuation picks up where the text stopped
+        for i, word in enumerate(words[start:], start):
             if self.mode == "die_after" and i == self.die_after:
                 assert request.transport is not None
                 request.transport.abort()
                 return response
-            if i:
+            if i > start:
                 await asyncio.sleep(self.delay)
             piece = word if i == 0 else " " + word
             await response.write(
@@ -122,3 +123,11 @@ class FakeBackend:
         await response.write(b"data: [DONE]\n\n")
         await response.write_eof()
         return response
+
+
+def _continued_prefix(body: dict[str, Any]) -> str:
+    """The assistant text to continue from, as vLLM's continue_final_message does."""
+    messages = body.get("messages") or []
+    if body.get("continue_final_message") and messages and messages[-1].get("role") == "assistant":
+        return str(messages[-1].get("content") or "")
+    return ""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 
 import aiohttp
@@ -99,3 +100,48 @@ async def test_client_hanging_up_before_first_byte_cancels_the_backend(
             break
         await asyncio.sleep(0.05)
     assert backend.cancelled == 1
+
+
+async def test_resume_streams_continues_on_another_backend(
+    start_backend: StartBackend, start_gateway: StartGateway
+) -> None:
+    dying = await start_backend(mode="die_after", chunks=6, die_after=2)
+    healthy = await start_backend(chunks=6)
+    gateway = await start_gateway(dying, healthy, routing={"resume_streams": True})
+    client = openai.AsyncOpenAI(base_url=gateway.base_url, api_key="x", max_retries=0)
+    raw = await client.chat.completions.with_raw_response.create(**CHAT)
+    assert raw.headers["X-Multiverse-Backend"] == "b0"
+    pieces = [c.choices[0].delta.content async for c in raw.parse() if c.choices and c.choices[0].delta.content]
+    assert "".join(pieces) == "w0 w1 w2 w3 w4 w5", "one coherent answer across the two backends"
+    continuation = json.loads(healthy.seen[-1].body)
+    assert continuation["messages"][-1] == {"role": "assistant", "content": "w0 w1"}
+    assert continuation["continue_final_message"] is True and continuation["add_generation_prompt"] is False
+    await client.close()
+
+
+async def test_resume_streams_gives_the_error_event_when_no_one_can_continue(
+    start_backend: StartBackend, start_gateway: StartGateway
+) -> None:
+    dying = await start_backend(mode="die_after", chunks=6, die_after=3)
+    gateway = await start_gateway(dying, routing={"resume_streams": True})
+    client = openai.AsyncOpenAI(base_url=gateway.base_url, api_key="x", max_retries=0)
+    received = []
+    with pytest.raises(openai.APIError, match="failed mid-stream"):
+        async for chunk in await client.chat.completions.create(**CHAT):
+            received.append(chunk.choices[0].delta.content)
+    assert received == ["w0", " w1", " w2"]
+    await client.close()
+
+
+def test_partial_events_are_held_back_until_whole() -> None:
+    from gateway.resume import Continuation
+
+    class FakeCall:
+        endpoint, json = "completions", {"model": "m", "prompt": "Once", "stream": True}
+
+    resume = Continuation(FakeCall())  # type: ignore[arg-type]
+    event = b'data: {"choices": [{"text": " upon", "index": 0}]}\r\n\r\n'
+    assert resume.feed(event[:10]) == b""
+    assert resume.feed(event[10:] + b'data: {"choices": [{"text": " a ti') == event
+    resume.drop_partial()
+    assert json.loads(resume.body()) == {"model": "m", "prompt": "Once upon", "stream": True}
