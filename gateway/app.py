@@ -47,6 +47,12 @@ def _parse(body: bytes) -> dict[str, Any]:
         raise GatewayError(400, "'model' must be a non-empty string naming a model", param="model")
     if "stream" in data and not isinstance(data["stream"], bool):
         raise GatewayError(400, "'stream' must be true or false", param="stream")
+    messages = data.get("messages")
+    if messages is not None and not (isinstance(messages, list) and all(isinstance(m, dict) for m in messages)):
+        raise GatewayError(400, "'messages' must be a list of message objects", param="messages")
+    prompt = data.get("prompt")
+    if prompt is not None and not isinstance(prompt, str | list):
+        raise GatewayError(400, "'prompt' must be a string or a list", param="prompt")
     return data
 
 

@@ -359,19 +359,22 @@ async def _resume(
     return None
 
 
-_FULL_CHECK_BYTES = 256 * 1024
+_BLANK = b" \t\r\n"
+_CLOSING = {ord("{"): ord("}"), ord("["): ord("]")}
 
 
 def _looks_like_json(body: bytes) -> bool:
-    """Whether a backend's answer is whole JSON: parsed when small, bracket-checked when large."""
-    if len(body) <= _FULL_CHECK_BYTES:
-        try:
-            json.loads(body)
-        except ValueError:
-            return False
-        return True
-    stripped = body.strip()
-    return stripped[:1] in (b"{", b"[") and stripped[-1:] in (b"}", b"]")
+    """Whether a backend's answer is shaped like whole JSON: it opens with { or [ and closes to match.
+
+    Catches an HTML error page from a tunnel and a body cut short, in constant time: a
+    full parse would cost more than the rest of the request for a large embedding.
+    """
+    start, end = 0, len(body) - 1
+    while start <= end and body[start] in _BLANK:
+        start += 1
+    while end > start and body[end] in _BLANK:
+        end -= 1
+    return start < end and _CLOSING.get(body[start]) == body[end]
 
 
 _CONNECT_TIMEOUTS: dict[float, aiohttp.ClientTimeout] = {}

@@ -36,6 +36,9 @@ def _assert_envelope(body: dict, fragment: str) -> None:  # type: ignore[type-ar
         (b'{"messages": []}', "'model' is required; GET /v1/models lists the models"),
         (b'{"model": 7}', "'model' must be a non-empty string"),
         (b'{"model": "echo", "stream": "yes"}', "'stream' must be true or false"),
+        (b'{"model": "echo", "messages": "hi"}', "'messages' must be a list of message objects"),
+        (b'{"model": "echo", "messages": ["hi"]}', "'messages' must be a list of message objects"),
+        (b'{"model": "echo", "prompt": 5}', "'prompt' must be a string or a list"),
         (b"\xff\xfe", "not valid JSON"),
     ],
 )

@@ -234,3 +234,23 @@ async def test_a_backend_key_is_sent_to_that_backend_only(
             listed = await response.text()
     assert keyed.seen[-1].headers["Authorization"] == "Bearer sk-backend-only"
     assert "sk-backend-only" not in listed and '"has_api_key": true' in listed
+
+
+async def test_a_body_that_is_not_json_is_failed_over(start_backend: StartBackend, start_gateway: StartGateway) -> None:
+    garbage, truncated, good = (
+        await start_backend(mode="garbage"),
+        await start_backend(mode="truncated"),
+        await start_backend(),
+    )
+    gateway = await start_gateway(garbage, truncated, good)
+    status, body, headers = await _post(gateway.url)
+    assert (
+        status == 200
+        and headers["X-Multiverse-Backend"] == "b2"
+        and body["choices"][0]["message"]["content"] == "hello"
+    )
+    alone = await start_gateway(garbage, truncated)
+    status, body, _ = await _post(alone.url)
+    assert status == 502 and body["error"]["code"] == "bad_backend_response"
+    assert "b0: answered HTTP 200 with a body that is not JSON" in body["error"]["message"]
+    assert "b1: answered HTTP 200 with a body that is not JSON" in body["error"]["message"]
