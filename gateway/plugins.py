@@ -112,7 +112,7 @@ class Plugins:
         for plugin, fn in impls:
             try:
                 result = fn(**kwargs)
-                if inspect.isawaitable(result):
+                if result is not None and inspect.isawaitable(result):  # sync observers return None: no check
                     await result
             except Exception:
                 self.log.exception(event, plugin=plugin)
