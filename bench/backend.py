@@ -1,8 +1,10 @@
 """The benchmark's backend: as cheap as aiohttp allows, so the gateway's cost stands out.
 
-    python bench/backend.py PORT
+    python bench/backend.py PORT [LATENCY_MS CAPACITY]
 POST /v1/chat/completions answers a fixed small completion, or with "stream": true,
 CHUNKS server-sent events GAP_MS apart (read from the request's "n_chunks" / "gap_ms").
+With LATENCY_MS, each answer takes that long and at most CAPACITY are worked on at
+once (the rest queue), like a GPU server with a batch limit.
 """
 
 from __future__ import annotations
@@ -24,9 +26,16 @@ CHUNK = (
 )
 
 
+LATENCY = float(sys.argv[2]) / 1000 if len(sys.argv) > 2 else 0.0
+SLOTS = asyncio.Semaphore(int(sys.argv[3]) if len(sys.argv) > 3 else 1_000_000)
+
+
 async def chat(request: web.Request) -> web.StreamResponse:
     body = await request.json()
     if not body.get("stream"):
+        if LATENCY:
+            async with SLOTS:
+                await asyncio.sleep(LATENCY)
         return web.Response(body=BODY, content_type="application/json")
     response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
     await response.prepare(request)

@@ -47,6 +47,7 @@ class Registration:
     connect_timeout: float | None = field(default=None, metadata={"check": _positive_or_none})
     ttft_timeout: float | None = field(default=None, metadata={"check": _positive_or_none})
     stall_timeout: float | None = field(default=None, metadata={"check": _positive_or_none})
+    weight: float | None = field(default=None, metadata={"check": _positive_or_none})
 
 
 def resolve_admin_key(config: GatewayConfig, log: Any) -> str:

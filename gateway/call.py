@@ -37,6 +37,7 @@ class Call:
         "request_id",
         "requested_model",
         "response_headers",
+        "route",
         "started",
         "state",
         "status",
@@ -63,6 +64,7 @@ class Call:
         self.bytes_out = 0
         self.chunks = 0
         self.response_headers: dict[str, str] = {}
+        self.route = ""  # the strategy that ordered the candidates
         self.state: dict[str, Any] = {}
 
     def replace_json(self, data: dict[str, Any]) -> None:

@@ -104,6 +104,9 @@ class BackendConfig:
     url: str = field(metadata={"doc": "base URL of an OpenAI-compatible server", "check": _http_url})
     models: list[str] = field(metadata={"doc": "models this backend serves", "check": _models})
     api_key: str | None = field(default=None, metadata={"doc": "sent to this backend as a bearer token"})
+    weight: float = field(
+        default=1.0, metadata={"doc": "share of traffic under the weighted strategy", "check": _positive}
+    )
     connect_timeout: float | None = field(
         default=None, metadata={"doc": "overrides routing.connect_timeout", "check": _positive_or_none}
     )

@@ -32,6 +32,9 @@ BUILTIN = {
     "round_robin": "plugins.round_robin",
     "health": "plugins.health",
     "circuit_breaker": "plugins.circuit_breaker",
+    "weighted": "plugins.weighted",
+    "least_latency": "plugins.least_latency",
+    "least_loaded": "plugins.least_loaded",
 }
 ENTRY_POINT_GROUP = "multiverse.plugins"
 HookFn = Callable[..., Any]

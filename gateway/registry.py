@@ -47,9 +47,10 @@ _ADDED_COLUMNS = {
     "connect_timeout": "REAL",
     "ttft_timeout": "REAL",
     "stall_timeout": "REAL",
+    "weight": "REAL NOT NULL DEFAULT 1.0",
 }
 TIMEOUTS = ("connect_timeout", "ttft_timeout", "stall_timeout")
-EDITABLE = ("name", "url", "models", "owner_name", "owner_email", "description", "api_key", *TIMEOUTS)
+EDITABLE = ("name", "url", "models", "owner_name", "owner_email", "description", "api_key", *TIMEOUTS, "weight")
 
 
 @dataclass(eq=False, slots=True)
@@ -68,6 +69,7 @@ class Backend:
     connect_timeout: float | None = None
     ttft_timeout: float | None = None
     stall_timeout: float | None = None
+    weight: float = 1.0
     status: str = UNKNOWN
     last_error: str | None = None
     status_since: float = field(default_factory=time.time)
@@ -100,6 +102,7 @@ class Backend:
             "description": self.description,
             "has_api_key": self.api_key is not None,
             **{name: getattr(self, name) for name in TIMEOUTS},
+            "weight": self.weight,
             "status": self.status,
             "last_error": self.last_error,
             "status_since": self.status_since,
@@ -119,7 +122,7 @@ class Registry:
         self.backends: dict[str, Backend] = {}
         for conf in static:
             backend = Backend(f"config:{conf.name}", conf.name, conf.url.rstrip("/"), tuple(conf.models), "config")
-            backend.api_key = conf.api_key
+            backend.api_key, backend.weight = conf.api_key, conf.weight
             for name in TIMEOUTS:
                 setattr(backend, name, getattr(conf, name))
             self.backends[backend.id] = backend

@@ -88,6 +88,7 @@ def _returned_headers(upstream: aiohttp.ClientResponse, call: Call) -> CIMultiDi
     if call.backend is not None:
         out["X-Multiverse-Backend"] = call.backend.name
     out["X-Multiverse-Model"] = call.model
+    out["X-Multiverse-Route"] = call.route
     out["X-Multiverse-Attempts"] = str(call.attempts)
     out.update(call.response_headers)
     return out
@@ -108,6 +109,7 @@ def order_candidates(gateway: Gateway, call: Call) -> list[Backend]:
             f"no backend may serve model '{call.model}' for this request right now; try again later",
             code="no_backend_available",
         )
+    call.route = gateway.config.routing.strategy
     return list(gateway.plugins.strategy(candidates, call))
 
 

@@ -42,6 +42,7 @@ class FakeBackend:
     seen: list[Seen] = field(default_factory=list)
     probes: list[dict[str, str]] = field(default_factory=list)  # headers of each GET /v1/models or /health
     listed_models: list[str] | None = None  # what GET /v1/models lists, if not ``models``
+    metrics_text: str = ""  # what GET /metrics answers (Prometheus text), e.g. vLLM's queue
     cancelled: int = 0
     url: str = ""
 
@@ -49,6 +50,7 @@ class FakeBackend:
         app = web.Application()
         app.router.add_get("/v1/models", self._models)
         app.router.add_get("/health", self._health)
+        app.router.add_get("/metrics", self._metrics)
         for path in ("chat/completions", "completions", "embeddings"):
             app.router.add_post(f"/v1/{path}", self._handle)
         return app
@@ -60,6 +62,9 @@ class FakeBackend:
         listed = self.models if self.listed_models is None else self.listed_models
         data = [{"id": m, "object": "model", "created": 0, "owned_by": "fake"} for m in listed]
         return web.json_response({"object": "list", "data": data}, status=self.models_status)
+
+    async def _metrics(self, _: web.Request) -> web.Response:
+        return web.Response(text=self.metrics_text, content_type="text/plain")
 
     async def _health(self, request: web.Request) -> web.Response:
         self.probes.append(dict(request.headers))
