@@ -128,7 +128,7 @@ def _gateway_config(tmp: Path, port: int, backend_port: int) -> Path:
         "admin: {api_key: bench-admin-key-0123456789}\n"
         f"backends: [{{name: bench, url: 'http://127.0.0.1:{backend_port}', models: [bench]}}]\n"
         "logging: {level: info, format: json}\n"
-        "plugins: {health: {interval: 10, timeout: 5}, circuit_breaker: {}}\n"
+        "plugins: {health: {interval: 10, timeout: 5}, circuit_breaker: {}, task_aware: {}}\n"
     )
     return config
 

@@ -30,7 +30,7 @@ from bench.bench_proxy import free_port, pct, wait_ready
 ROOT = Path(__file__).resolve().parent.parent
 SPEEDS_MS = (20, 60, 200)
 CAPACITY = 4
-STRATEGIES = ("round_robin", "weighted", "least_latency", "least_loaded")
+STRATEGIES = ("round_robin", "weighted", "least_latency", "least_loaded", "task_aware")
 CHAT = json.dumps({"model": "bench", "messages": [{"role": "user", "content": "hi"}]}).encode()
 
 
@@ -56,6 +56,28 @@ def decision_times(iterations: int) -> dict[str, dict[str, float]]:
             samples.append((time.perf_counter_ns() - started) / 1000)
         out[name] = {"p50_us": statistics.median(samples), "p99_us": pct(samples, 0.99)}
     return out
+
+
+def analysis_times() -> dict[str, float]:
+    """Prompt analysis (task_aware) per prompt of tests/data/prompts.jsonl, and for a 20,000-character one."""
+    from plugins.prompt_analysis import analyse
+
+    prompts = [json.loads(line)["prompt"] for line in (ROOT / "tests/data/prompts.jsonl").read_text().splitlines()]
+    samples = []
+    for _ in range(20):
+        for prompt in prompts:
+            started = time.perf_counter_ns()
+            analyse(prompt)
+            samples.append((time.perf_counter_ns() - started) / 1000)
+    long_prompt = " ".join(prompts) * 2
+    started = time.perf_counter_ns()
+    for _ in range(100):
+        analyse(long_prompt[:20000])
+    return {
+        "p50_us": statistics.median(samples),
+        "p99_us": pct(samples, 0.99),
+        "long_us": (time.perf_counter_ns() - started) / 100_000,
+    }
 
 
 async def run_strategy(strategy: str, backend_urls: list[str], args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
@@ -117,7 +139,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         for proc in procs:
             proc.terminate()
             proc.wait(10)
-    return {"decision": decision_times(args.iterations), "load": load}
+    return {"decision": decision_times(args.iterations), "analysis": analysis_times(), "load": load}
 
 
 def report(results: dict[str, Any], args: argparse.Namespace) -> str:
@@ -138,6 +160,13 @@ def report(results: dict[str, Any], args: argparse.Namespace) -> str:
             f"| {name} | {d['p50_us']:.1f} | {d['p99_us']:.1f} | {load['mean_ms']:.1f} | "
             f"{(load['mean_ms'] / base - 1):+.0%} | {load['p99_ms']:.1f} | {shares} |"
         )
+    a = results["analysis"]
+    lines += [
+        "",
+        f"Prompt analysis (task_aware): p50 {a['p50_us']:.0f} µs, p99 {a['p99_us']:.0f} µs per prompt of "
+        f"tests/data/prompts.jsonl; {a['long_us']:.0f} µs for a 20,000-character prompt (only its first and last "
+        "1,000 characters are read).",
+    ]
     return "\n".join(lines)
 
 

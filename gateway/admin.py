@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hmac
 import json
 import os
@@ -14,7 +15,14 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from gateway.config import MIN_ADMIN_KEY_LENGTH, ConfigError, GatewayConfig, _http_url, _positive_or_none
+from gateway.config import (
+    MIN_ADMIN_KEY_LENGTH,
+    ConfigError,
+    GatewayConfig,
+    ModelProfile,
+    _http_url,
+    _positive_or_none,
+)
 from gateway.errors import GatewayError
 from gateway.netguard import check_backend_url
 from gateway.registry import STATUSES, Backend
@@ -48,6 +56,7 @@ class Registration:
     ttft_timeout: float | None = field(default=None, metadata={"check": _positive_or_none})
     stall_timeout: float | None = field(default=None, metadata={"check": _positive_or_none})
     weight: float | None = field(default=None, metadata={"check": _positive_or_none})
+    profile: ModelProfile | None = field(default=None, metadata={"doc": "capabilities, tier and cost of its models"})
 
 
 def resolve_admin_key(config: GatewayConfig, log: Any) -> str:
@@ -192,7 +201,10 @@ async def discover_models(gateway: Gateway, url: str, api_key: str | None) -> li
 def _given_fields(body: Registration) -> dict[str, Any]:
     """The registration's optional fields that were given, by registry field name."""
     skip = ("endpoint_url", "model_name", "models")
-    return {k: v for k, v in vars(body).items() if v is not None and k not in skip}
+    given = {k: v for k, v in vars(body).items() if v is not None and k not in skip}
+    if "profile" in given:
+        given["profile"] = dataclasses.asdict(given["profile"])
+    return given
 
 
 @admin_only

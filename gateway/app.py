@@ -3,17 +3,14 @@
 from __future__ import annotations
 
 import asyncio
-import json
-import os
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
 from urllib.parse import urlsplit
 
 import aiohttp
 from aiohttp import web
 
-from gateway import admin, relay
-from gateway.call import Call
+from gateway import admin, explain, relay
+from gateway.call import Call, parse_body, request_id_of
 from gateway.config import GatewayConfig
 from gateway.errors import GatewayError
 from gateway.netguard import PublicOnlyResolver
@@ -24,45 +21,13 @@ from gateway.state import GATEWAY, Gateway
 ENDPOINTS = ("chat/completions", "completions", "embeddings")
 
 
-def _request_id(request: web.Request) -> str:
-    given = request.headers.get("X-Request-ID")
-    if given and len(given) <= 128 and given.isprintable():
-        return given
-    return os.urandom(12).hex()
-
-
-def _parse(body: bytes) -> dict[str, Any]:
-    if not body:
-        raise GatewayError(400, "the request body is empty; send a JSON object with at least 'model'")
-    try:
-        data = json.loads(body)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise GatewayError(400, f"the request body is not valid JSON ({exc}); send a JSON object") from None
-    if not isinstance(data, dict):
-        raise GatewayError(400, f"the request body must be a JSON object, not {type(data).__name__}")
-    model = data.get("model")
-    if model is None:
-        raise GatewayError(400, "'model' is required; GET /v1/models lists the models served here", param="model")
-    if not isinstance(model, str) or not model:
-        raise GatewayError(400, "'model' must be a non-empty string naming a model", param="model")
-    if "stream" in data and not isinstance(data["stream"], bool):
-        raise GatewayError(400, "'stream' must be true or false", param="stream")
-    messages = data.get("messages")
-    if messages is not None and not (isinstance(messages, list) and all(isinstance(m, dict) for m in messages)):
-        raise GatewayError(400, "'messages' must be a list of message objects", param="messages")
-    prompt = data.get("prompt")
-    if prompt is not None and not isinstance(prompt, str | list):
-        raise GatewayError(400, "'prompt' must be a string or a list", param="prompt")
-    return data
-
-
 def _proxy_handler(endpoint: str) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
     async def handle(request: web.Request) -> web.StreamResponse:
         gateway = request.app[GATEWAY]
-        request_id = _request_id(request)
+        request_id = request_id_of(request)
         body = await request.read()
         try:
-            call = Call(request, request_id, endpoint, body, _parse(body))
+            call = Call(request, request_id, endpoint, body, parse_body(body))
         except GatewayError as exc:
             gateway.log.info("request_rejected", request_id=request_id, endpoint=endpoint, reason=exc.message)
             return exc.to_response({"X-Request-ID": request_id})
@@ -115,6 +80,7 @@ async def _serve(gateway: Gateway, call: Call) -> web.StreamResponse:
             status=call.status,
             attempts=call.attempts,
             latency_ms=round(call.latency * 1000, 2),
+            **call.tags,
             **outcome,
         )
         if plugins.request_complete:
@@ -209,6 +175,7 @@ def create_app(config: GatewayConfig) -> web.Application:
     app.router.add_get("/v1/models", list_models)
     for endpoint in ENDPOINTS:
         app.router.add_post(f"/v1/{endpoint}", _proxy_handler(endpoint))
+    app.router.add_post("/v1/route/explain", explain.explain)
     app.router.add_get("/health", health)
     admin.add_routes(app, config)
     return app

@@ -9,6 +9,7 @@ import json
 import sqlite3
 import sys
 from pathlib import Path
+from typing import Any
 
 from gateway import __version__
 from gateway.config import ConfigError, GatewayConfig, load, parse
@@ -134,6 +135,56 @@ def cmd_import(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_route(args: argparse.Namespace) -> int:
+    import urllib.error
+    import urllib.request
+
+    body = {"model": args.model, "messages": [{"role": "user", "content": args.prompt}]}
+    path = "/v1/route/explain" if args.explain else "/v1/chat/completions"
+    request = urllib.request.Request(
+        args.url.rstrip("/") + path, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=args.timeout) as response:
+            answer, headers = json.loads(response.read()), response.headers
+    except urllib.error.HTTPError as error:
+        print(f"{error.code}: {json.loads(error.read()).get('error', {}).get('message')}", file=sys.stderr)
+        return 1
+    except (urllib.error.URLError, OSError) as error:
+        print(f"cannot reach the gateway at {args.url} ({error}); is it running? (make run)", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(answer, indent=2))
+    elif args.explain:
+        print(_explain_text(answer))
+    else:
+        print(answer["choices"][0]["message"]["content"])
+        served = f"model {headers['X-Multiverse-Model']}, backend {headers['X-Multiverse-Backend']}"
+        print(f"-- {served}, route {headers['X-Multiverse-Route']}, {headers['X-Multiverse-Attempts']} attempt(s)")
+    return 0
+
+
+def _explain_text(e: dict[str, Any]) -> str:
+    """The explain answer, for a person."""
+    lines = [f"requested model: {e['requested_model']}  ->  {e['model']}"]
+    if "task_type" in e:
+        lines.append(f"task: {e['task_type']} ({e.get('complexity')}); signals: {', '.join(e['signals']) or '-'}")
+    ranking = e.get("plugins", {}).get("model_ranking")
+    if ranking:
+        lines.append("model ranking: " + ", ".join(f"{r['model']} {r['score']:+.2f}" for r in ranking))
+    if e.get("answered_by_plugin"):
+        lines.append(f"answered by plugin {e['answered_by_plugin']} without a backend")
+    lines.append(f"strategy: {e['strategy']}")
+    for step in e["models"]:
+        lines.append(f"model {step['model']}: candidates {', '.join(step['candidates']) or 'none'}")
+        for removed in step["removed"]:
+            lines.append(f"  removed {removed['backend']} by {removed['by']}: {removed['reason']}")
+        if step["scores"]:
+            lines.append("  scores: " + ", ".join(f"{s['backend']} {s['score']:g}" for s in step["scores"]))
+        lines.append(f"  order: {' > '.join(step['order']) or 'nothing can serve'}")
+    return "\n".join(lines)
+
+
 def cmd_schema(_: argparse.Namespace) -> int:
     from gateway.plugins import config_schema
 
@@ -185,6 +236,15 @@ def build_parser() -> argparse.ArgumentParser:
     import_cmd.add_argument("path")
     import_cmd.add_argument("--config", help=f"config file (default: ./{DEFAULT_CONFIG} if present)")
     import_cmd.set_defaults(func=cmd_import)
+
+    route = sub.add_parser("route", help="send a prompt through a running gateway, or --explain how it would route it")
+    route.add_argument("prompt")
+    route.add_argument("--model", default="auto", help="model name, 'auto' or 'auto:MODEL' (default: auto)")
+    route.add_argument("--explain", action="store_true", help="show the routing decision; call no backend")
+    route.add_argument("--url", default="http://127.0.0.1:8000", help="the gateway (default: %(default)s)")
+    route.add_argument("--json", action="store_true", help="print the raw answer")
+    route.add_argument("--timeout", type=float, default=120)
+    route.set_defaults(func=cmd_route)
 
     schema_cmd = sub.add_parser("schema", help="print the JSON Schema of gateway.yaml")
     schema_cmd.set_defaults(func=cmd_schema)

@@ -118,6 +118,27 @@ class BackendConfig:
     )
 
 
+def _capabilities(value: dict[str, float]) -> str | None:
+    bad = [k for k, v in value.items() if not 0 <= v <= 1]
+    return f"scores must be between 0 and 1; check {', '.join(bad)}" if bad else None
+
+
+@dataclass(frozen=True)
+class ModelProfile:
+    """What a model is good at and what it costs, for task-aware routing."""
+
+    capabilities: dict[str, float] = field(
+        default_factory=dict,
+        metadata={
+            "doc": "task type -> how good the model is at it, 0 to 1 (code, math, reasoning, ...)",
+            "check": _capabilities,
+        },
+    )
+    tier: Literal["small", "medium", "large"] | None = field(default=None, metadata={"doc": "rough size class"})
+    cost_per_1k_prompt_tokens: float = 0.0
+    cost_per_1k_completion_tokens: float = 0.0
+
+
 @dataclass(frozen=True)
 class RoutingConfig:
     """How a backend is chosen and how long the gateway waits for it."""
@@ -152,6 +173,10 @@ class RoutingConfig:
         default_factory=dict,
         metadata={"doc": "model -> models to try, in order, when no backend of it can serve"},
     )
+    groups: dict[str, list[str]] = field(
+        default_factory=dict,
+        metadata={"doc": "name -> models: a request for the name is served by any model of the group"},
+    )
 
 
 @dataclass(frozen=True)
@@ -173,6 +198,9 @@ class GatewayConfig:
     admin: AdminConfig = field(default_factory=AdminConfig)
     backends: list[BackendConfig] = field(default_factory=list)
     routing: RoutingConfig = field(default_factory=RoutingConfig)
+    models: dict[str, ModelProfile] = field(
+        default_factory=dict, metadata={"doc": "model name -> capabilities, tier and cost, for task-aware routing"}
+    )
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     plugins: dict[str, dict[str, Any] | None] = field(
         default_factory=dict,
@@ -234,6 +262,11 @@ def parse(data: Any, base_dir: Path = Path(".")) -> GatewayConfig:
 
 def _cross_checks(config: GatewayConfig) -> list[str]:
     problems = []
+    for name, members in config.routing.groups.items():
+        if not members:
+            problems.append(f"routing.groups.{name}: list at least one model")
+        if name in members:
+            problems.append(f"routing.groups.{name}: a group cannot contain itself")
     seen: set[str] = set()
     for i, backend in enumerate(config.backends):
         if backend.name in seen:

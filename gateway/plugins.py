@@ -35,6 +35,7 @@ BUILTIN = {
     "weighted": "plugins.weighted",
     "least_latency": "plugins.least_latency",
     "least_loaded": "plugins.least_loaded",
+    "task_aware": "plugins.task_aware",
 }
 ENTRY_POINT_GROUP = "multiverse.plugins"
 HookFn = Callable[..., Any]

@@ -48,9 +48,22 @@ _ADDED_COLUMNS = {
     "ttft_timeout": "REAL",
     "stall_timeout": "REAL",
     "weight": "REAL NOT NULL DEFAULT 1.0",
+    "profile": "TEXT",
 }
 TIMEOUTS = ("connect_timeout", "ttft_timeout", "stall_timeout")
-EDITABLE = ("name", "url", "models", "owner_name", "owner_email", "description", "api_key", *TIMEOUTS, "weight")
+EDITABLE = (
+    "name",
+    "url",
+    "models",
+    "owner_name",
+    "owner_email",
+    "description",
+    "api_key",
+    *TIMEOUTS,
+    "weight",
+    "profile",
+)
+_JSON_COLUMNS = frozenset({"models", "profile"})
 
 
 @dataclass(eq=False, slots=True)
@@ -70,6 +83,7 @@ class Backend:
     ttft_timeout: float | None = None
     stall_timeout: float | None = None
     weight: float = 1.0
+    profile: dict[str, Any] | None = None  # capabilities, tier, costs of its models (see ModelProfile)
     status: str = UNKNOWN
     last_error: str | None = None
     status_since: float = field(default_factory=time.time)
@@ -103,6 +117,7 @@ class Backend:
             "has_api_key": self.api_key is not None,
             **{name: getattr(self, name) for name in TIMEOUTS},
             "weight": self.weight,
+            "profile": self.profile,
             "status": self.status,
             "last_error": self.last_error,
             "status_since": self.status_since,
@@ -148,7 +163,7 @@ class Registry:
                 backend = Backend(
                     row["id"], row["name"], row["url"], tuple(json.loads(row["models"])), "api",
                     last_error=row["last_error"], created_at=row["created_at"],
-                    **{name: row[name] for name in EDITABLE[3:]},
+                    **{name: _column(name, row[name]) for name in EDITABLE[3:]},
                 )  # fmt: skip
                 self.backends[backend.id] = backend
         self._reindex()
@@ -211,7 +226,7 @@ class Registry:
             setattr(backend, key, value)
         columns = ("id", "name", "url", "models", *EDITABLE[3:], "status", "status_since", "created_at", "updated_at")
         values = (backend.id, backend.name, backend.url, json.dumps(backend.models),
-                  *(getattr(backend, c) for c in EDITABLE[3:]), backend.status, now, now, now)  # fmt: skip
+                  *(_value(c, getattr(backend, c)) for c in EDITABLE[3:]), backend.status, now, now, now)  # fmt: skip
         await self.db.execute(
             f"INSERT INTO backends ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))})", values
         )
@@ -226,7 +241,7 @@ class Registry:
             changes["url"] = changes["url"].rstrip("/")
         if "models" in changes:
             changes["models"] = tuple(changes["models"])
-        columns = {k: json.dumps(v) if k == "models" else v for k, v in changes.items() if k in EDITABLE}
+        columns = {k: _value(k, v) for k, v in changes.items() if k in EDITABLE}
         if columns:
             assignments = ", ".join(f"{k} = ?" for k in columns)
             await self.db.execute(
@@ -265,3 +280,12 @@ def _default_name(url: str) -> str:
 
     parts = urlsplit(url)
     return parts.netloc or url
+
+
+def _value(column: str, value: Any) -> Any:
+    """A field as stored: lists and mappings as JSON text."""
+    return json.dumps(value) if column in _JSON_COLUMNS and value is not None else value
+
+
+def _column(column: str, stored: Any) -> Any:
+    return json.loads(stored) if column in _JSON_COLUMNS and stored is not None else stored

@@ -126,12 +126,25 @@ def _no_backend(gateway: Gateway, model: str) -> GatewayError:
     )
 
 
+def model_chain(gateway: Gateway, call: Call) -> list[str]:
+    """The models to try in turn: a group's members (rotated per call), else the model, then fallbacks."""
+    routing = gateway.config.routing
+    members = routing.groups.get(call.model)
+    if members:
+        turn = gateway.group_turns.get(call.model, 0)
+        gateway.group_turns[call.model] = turn + 1
+        start = turn % len(members)
+        return [*members[start:], *members[:start]]
+    fallbacks = call.fallbacks if call.fallbacks is not None else routing.fallbacks.get(call.model, ())
+    return [call.model, *fallbacks]
+
+
 async def relay(gateway: Gateway, call: Call) -> web.StreamResponse:
     """Try the model's candidates in order, then its fallback models', until one answers."""
     routing = gateway.config.routing
     deadline = asyncio.get_running_loop().time() + routing.deadline
     headers = forward_headers(call.request, call.request_id)
-    chain = [call.model, *routing.fallbacks.get(call.model, ())]
+    chain = model_chain(gateway, call)
     refusals: list[GatewayError] = []
     last_response: web.Response | None = None
     for model in chain:

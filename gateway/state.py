@@ -27,6 +27,7 @@ class Gateway:
     started_at: float = field(default_factory=time.time)
     requests_total: int = 0
     requests_failed: int = 0
+    group_turns: dict[str, int] = field(default_factory=dict)
     _http: aiohttp.ClientSession | None = None
 
     @property

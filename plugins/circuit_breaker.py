@@ -82,14 +82,24 @@ class Plugin:
 
     def _admits(self, circuit: Circuit, backend: Backend, call: Call, now: float) -> bool:
         if now < circuit.busy_until:
-            return False
+            return self._refuse(call, backend, f"asked to wait (Retry-After) {circuit.busy_until - now:.0f}s more")
         if circuit.state == CLOSED:
             return True
-        if circuit.state == OPEN and now - circuit.opened_at >= self.options.cooldown:
+        cooled = now - circuit.opened_at >= self.options.cooldown
+        if call.dry_run:  # explain: say what would happen, take no trial slot
+            free = circuit.state == HALF_OPEN and circuit.trial is None
+            return (circuit.state == OPEN and cooled) or free or self._refuse(call, backend, f"circuit {circuit.state}")
+        if circuit.state == OPEN and cooled:
             self._move(circuit, backend, HALF_OPEN, "cool-down over: one trial request")
         if circuit.state == HALF_OPEN and circuit.trial is None:
             circuit.trial = call.request_id
             return True
+        return False
+
+    @staticmethod
+    def _refuse(call: Call, backend: Backend, reason: str) -> bool:
+        if call.dry_run:
+            call.explain.setdefault("excluded", {})[backend.name] = reason
         return False
 
     @hookimpl
