@@ -152,7 +152,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         procs[name] = subprocess.Popen(command, stdout=log, stderr=log, cwd=ROOT, env={**os.environ, **env})
         urls[name] = f"http://127.0.0.1:{port}"
     targets = list(urls)
-    results: dict[str, Any] = {t: {"cpu_s": 0.0, "c1": [], "c32": [], "requests": 0} for t in targets}
+    results: dict[str, Any] = {
+        t: {"cpu_s": 0.0, "c1": [], "c32": [], "requests": 0, "stream_runs": [], "stream_cpu_s": 0.0} for t in targets
+    }
     try:
         await wait_ready(urls["direct"] + "/v1/models")
         for target in targets[1:]:
@@ -166,16 +168,22 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                     results[target][f"c{concurrency}"].append(figures)
                     results[target]["requests"] += total + 50
                 results[target]["cpu_s"] += cpu_seconds(pid) - before
+            for target in targets:  # streams interleave too: measured one after the other they drift apart
+                pid = (procs.get(target) or procs["backend"]).pid
+                before = cpu_seconds(pid)
+                run = await streams(urls[target] + "/v1/chat/completions", args.streams, args.chunks, args.gap_ms)
+                results[target]["stream_cpu_s"] += cpu_seconds(pid) - before
+                results[target]["stream_runs"].append(run)
         for target in targets:
             pid = (procs.get(target) or procs["backend"]).pid
-            before = cpu_seconds(pid)
-            results[target]["stream"] = await streams(
-                urls[target] + "/v1/chat/completions", args.streams, args.chunks, args.gap_ms
+            r = results[target]
+            runs = r.pop("stream_runs")
+            r["stream"] = {k: statistics.median(run[k] for run in runs) for k in runs[0]}
+            r["stream"]["merged_chunks"] = sum(run["merged_chunks"] for run in runs)
+            r["stream"]["cpu_us_per_chunk"] = (
+                r.pop("stream_cpu_s") / (len(runs) * args.streams * (args.chunks + 1)) * 1e6
             )
-            results[target]["stream"]["cpu_us_per_chunk"] = (
-                (cpu_seconds(pid) - before) / (args.streams * (args.chunks + 1)) * 1e6
-            )
-            results[target]["peak_rss_mb"] = peak_rss_mb(pid)
+            r["peak_rss_mb"] = peak_rss_mb(pid)
     finally:
         for proc in procs.values():
             proc.terminate()
@@ -227,7 +235,7 @@ def main() -> None:
     parser.add_argument(
         "--requests", type=int, default=3000, help="requests per round at concurrency 32 (a third at 1)"
     )
-    parser.add_argument("--streams", type=int, default=50)
+    parser.add_argument("--streams", type=int, default=20, help="streams per round")
     parser.add_argument("--chunks", type=int, default=20)
     parser.add_argument("--gap-ms", type=float, default=10.0)
     parser.add_argument("--rounds", type=int, default=3)

@@ -75,12 +75,14 @@ class Plugin:
         analysis = analyse(prompt_of(call.json))
         call.tags["task_type"] = analysis.task_type
         call.tags["complexity"] = analysis.complexity
-        call.explain["analysis"] = analysis.as_dict()
+        if call.dry_run:
+            call.explain["analysis"] = analysis.as_dict()
         prefer, wants_auto = self._mode(call)
         if prefer is None and not wants_auto:
             return
         ranking = self.rank(analysis.task_type, analysis.complexity) if wants_auto else []
-        call.explain["model_ranking"] = ranking
+        if call.dry_run:
+            call.explain["model_ranking"] = ranking
         ranked = [r["model"] for r in ranking if r["eligible"]]
         chain = list(dict.fromkeys(([prefer] if prefer else []) + ranked))  # no model twice, order kept
         if not chain:
