@@ -21,13 +21,12 @@ from gateway.config import (
     GatewayConfig,
     ModelProfile,
     _http_url,
-    _positive_or_none,
 )
 from gateway.errors import GatewayError
 from gateway.netguard import check_backend_url
 from gateway.registry import STATUSES, Backend
 from gateway.state import GATEWAY, Gateway
-from gateway.validate import ValidationError, build
+from gateway.validate import ValidationError, build, positive
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -52,10 +51,10 @@ class Registration:
     owner_email: str | None = None
     description: str | None = None
     api_key: str | None = field(default=None, metadata={"doc": "the backend's own key, sent to it as a bearer token"})
-    connect_timeout: float | None = field(default=None, metadata={"check": _positive_or_none})
-    ttft_timeout: float | None = field(default=None, metadata={"check": _positive_or_none})
-    stall_timeout: float | None = field(default=None, metadata={"check": _positive_or_none})
-    weight: float | None = field(default=None, metadata={"check": _positive_or_none})
+    connect_timeout: float | None = field(default=None, metadata={"check": positive})
+    ttft_timeout: float | None = field(default=None, metadata={"check": positive})
+    stall_timeout: float | None = field(default=None, metadata={"check": positive})
+    weight: float | None = field(default=None, metadata={"check": positive})
     profile: ModelProfile | None = field(default=None, metadata={"doc": "capabilities, tier and cost of its models"})
 
 

@@ -40,13 +40,11 @@ async def _serve(gateway: Gateway, call: Call) -> web.StreamResponse:
     plugins = gateway.plugins
     gateway.requests_total += 1
     try:
-        response: web.StreamResponse | None = None
-        if plugins.before_request:
-            response = await plugins.call_first(plugins.before_request, call=call)
-        if response is None:
-            response = await relay.relay(gateway, call)
-        else:
-            call.status = response.status
+        answered = await plugins.call_first(plugins.before_request, call=call) if plugins.before_request else None
+        if answered is None:
+            return await relay.relay(gateway, call)
+        response: web.StreamResponse = answered[1]
+        call.status = response.status
         return response
     except GatewayError as exc:
         call.status, call.error = exc.status, exc.message
@@ -70,19 +68,17 @@ async def _serve(gateway: Gateway, call: Call) -> web.StreamResponse:
             outcome["client_disconnected"] = True
         if call.model != call.requested_model:
             outcome["served_model"] = call.model
-        gateway.log.info(
-            "request",
-            request_id=call.request_id,
-            endpoint=call.endpoint,
-            model=call.requested_model,
-            stream=call.stream,
-            backend=call.backend.name if call.backend else None,
-            status=call.status,
-            attempts=call.attempts,
-            latency_ms=round(call.latency * 1000, 2),
-            **call.tags,
-            **outcome,
-        )
+        core = {
+            "request_id": call.request_id,
+            "endpoint": call.endpoint,
+            "model": call.requested_model,
+            "stream": call.stream,
+            "backend": call.backend.name if call.backend else None,
+            "status": call.status,
+            "attempts": call.attempts,
+            "latency_ms": round(call.latency * 1000, 2),
+        }
+        gateway.log.info("request", **{**call.tags, **core, **outcome})  # a plugin's tag never hides a core field
         if plugins.request_complete:
             await plugins.call_all_logged(plugins.request_complete, "request_complete_failed", call=call)
 
@@ -154,13 +150,8 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
         await gateway.plugins.call_all("startup", gateway=gateway)
         yield
     finally:
-        for plugin, fn in gateway.plugins.impls("shutdown"):
-            try:
-                result = fn(gateway=gateway)
-                if asyncio.iscoroutine(result):
-                    await result
-            except Exception:
-                gateway.log.exception("shutdown_failed", plugin=plugin)
+        await gateway.stop_tasks()
+        await gateway.plugins.call_all_logged(gateway.plugins.impls("shutdown"), "shutdown_failed", gateway=gateway)
         await gateway._http.close()
         await gateway.registry.close()
 

@@ -11,20 +11,12 @@ from urllib.parse import urlsplit
 
 import yaml
 
-from gateway.validate import ValidationError, build, json_schema
+from gateway.validate import ValidationError, build, json_schema, positive
 
 DEFAULT_PLUGINS = ("round_robin",)
 """Plugins that run whether or not ``plugins:`` names them."""
 
 MIN_ADMIN_KEY_LENGTH = 16
-
-
-def _positive(value: float) -> str | None:
-    return None if value > 0 else f"must be greater than 0, got {value}"
-
-
-def _positive_or_none(value: float | None) -> str | None:
-    return None if value is None else _positive(value)
 
 
 def _port(value: int) -> str | None:
@@ -59,7 +51,7 @@ class ServerConfig:
     port: int = field(default=8000, metadata={"doc": "TCP port", "check": _port})
     max_body_bytes: int = field(
         default=8 * 1024 * 1024,
-        metadata={"doc": "largest request body accepted (413 beyond)", "check": _positive},
+        metadata={"doc": "largest request body accepted (413 beyond)", "check": positive},
     )
 
 
@@ -89,10 +81,10 @@ class AdminConfig:
         metadata={"doc": "let registrations point at loopback, private-network and link-local addresses"},
     )
     max_backends: int = field(
-        default=500, metadata={"doc": "most backends that may be registered at once", "check": _positive}
+        default=500, metadata={"doc": "most backends that may be registered at once", "check": positive}
     )
     registrations_per_minute: int = field(
-        default=60, metadata={"doc": "registrations and updates one admin key may make per minute", "check": _positive}
+        default=60, metadata={"doc": "registrations and updates one admin key may make per minute", "check": positive}
     )
 
 
@@ -105,16 +97,16 @@ class BackendConfig:
     models: list[str] = field(metadata={"doc": "models this backend serves", "check": _models})
     api_key: str | None = field(default=None, metadata={"doc": "sent to this backend as a bearer token"})
     weight: float = field(
-        default=1.0, metadata={"doc": "share of traffic under the weighted strategy", "check": _positive}
+        default=1.0, metadata={"doc": "share of traffic under the weighted strategy", "check": positive}
     )
     connect_timeout: float | None = field(
-        default=None, metadata={"doc": "overrides routing.connect_timeout", "check": _positive_or_none}
+        default=None, metadata={"doc": "overrides routing.connect_timeout", "check": positive}
     )
     ttft_timeout: float | None = field(
-        default=None, metadata={"doc": "overrides routing.ttft_timeout", "check": _positive_or_none}
+        default=None, metadata={"doc": "overrides routing.ttft_timeout", "check": positive}
     )
     stall_timeout: float | None = field(
-        default=None, metadata={"doc": "overrides routing.stall_timeout", "check": _positive_or_none}
+        default=None, metadata={"doc": "overrides routing.stall_timeout", "check": positive}
     )
 
 
@@ -145,24 +137,24 @@ class RoutingConfig:
 
     strategy: str = field(default="round_robin", metadata={"doc": "a strategy registered by a plugin"})
     max_attempts: int = field(
-        default=3, metadata={"doc": "backends tried per model before giving up", "check": _positive}
+        default=3, metadata={"doc": "backends tried per model before giving up", "check": positive}
     )
     connect_timeout: float = field(
-        default=5.0, metadata={"doc": "seconds to open a connection to a backend", "check": _positive}
+        default=5.0, metadata={"doc": "seconds to open a connection to a backend", "check": positive}
     )
     ttft_timeout: float = field(
         default=120.0,
-        metadata={"doc": "seconds from sending a request to a backend to its first byte", "check": _positive},
+        metadata={"doc": "seconds from sending a request to a backend to its first byte", "check": positive},
     )
     stall_timeout: float = field(
         default=60.0,
-        metadata={"doc": "seconds of silence allowed between two chunks once a backend answers", "check": _positive},
+        metadata={"doc": "seconds of silence allowed between two chunks once a backend answers", "check": positive},
     )
     deadline: float = field(
         default=300.0,
         metadata={
             "doc": "seconds within which some backend must start answering, all tries included",
-            "check": _positive,
+            "check": positive,
         },
     )
     resume_streams: bool = field(

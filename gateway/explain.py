@@ -8,7 +8,6 @@ removed and why, each candidate's score, and the final order.
 
 from __future__ import annotations
 
-import inspect
 from typing import Any
 
 from aiohttp import web
@@ -32,15 +31,8 @@ async def explain(request: web.Request) -> web.Response:
 
 
 async def _decide(gateway: Gateway, call: Call) -> dict[str, Any]:
-    plugins = gateway.plugins
-    answered_by = None
-    for plugin, fn in plugins.before_request:
-        result = fn(call=call)
-        if inspect.isawaitable(result):
-            result = await result
-        if result is not None:
-            answered_by = plugin
-            break
+    answered = await gateway.plugins.call_first(gateway.plugins.before_request, call=call)
+    answered_by = answered[0] if answered else None
     steps = [] if answered_by else [_route_model(gateway, call, model) for model in model_chain(gateway, call)]
     analysis = call.explain.get("analysis", {})
     return {

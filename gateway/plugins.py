@@ -122,14 +122,14 @@ class Plugins:
                 self.log.exception(event, plugin=plugin)
 
     @staticmethod
-    async def call_first(impls: list[tuple[str, HookFn]], **kwargs: Any) -> Any:
-        """The first non-None result, awaiting async implementations."""
-        for _, fn in impls:
+    async def call_first(impls: list[tuple[str, HookFn]], **kwargs: Any) -> tuple[str, Any] | None:
+        """(plugin, result) of the first non-None result, awaiting async implementations."""
+        for plugin, fn in impls:
             result = fn(**kwargs)
             if inspect.isawaitable(result):
                 result = await result
             if result is not None:
-                return result
+                return plugin, result
         return None
 
     def describe(self, config: GatewayConfig) -> list[PluginInfo]:

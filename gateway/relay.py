@@ -11,9 +11,10 @@ import asyncio
 import email.utils
 import json
 import time
+from collections.abc import Awaitable
 from dataclasses import dataclass
 from time import perf_counter as _now
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import aiohttp
 from aiohttp import web
@@ -38,6 +39,7 @@ _NOT_FORWARDED = HOP_BY_HOP | {"host", "content-length", "authorization", "x-api
 # Not copied back to the client: hop-by-hop, or recomputed by the gateway.
 _NOT_RETURNED = HOP_BY_HOP | {"content-length", "set-cookie"}
 RETRY_STATUSES = frozenset({408, 429})
+T = TypeVar("T")
 BACKEND_ERRORS = (aiohttp.ClientError, asyncio.TimeoutError)
 CLIENT_GONE = (ConnectionResetError, aiohttp.ClientConnectionResetError)
 
@@ -211,21 +213,21 @@ async def _open(
         headers["Authorization"] = f"Bearer {backend.api_key}"
     timeout = _connect_timeout(backend.connect_timeout) if backend.connect_timeout else None
     url = f"{backend.url}/v1/{call.endpoint}"
-    try:
-        async with asyncio.timeout_at(due[0]):
-            return await gateway.http.post(url, data=body, headers=headers, allow_redirects=False, timeout=timeout)
-    except TimeoutError:
-        raise BackendFailed(Failure(backend, f"no answer within {due[1]}")) from None
-    except aiohttp.ClientError as exc:
-        raise BackendFailed(Failure(backend, _describe(exc))) from None
+    sending = gateway.http.post(url, data=body, headers=headers, allow_redirects=False, timeout=timeout)
+    return await _from_backend(backend, sending, due[0], f"no answer within {due[1]}")
 
 
 async def _first_chunk(content: aiohttp.StreamReader, backend: Backend, due: tuple[float, str]) -> bytes:
+    return await _from_backend(backend, content.readany(), due[0], f"no first token within {due[1]}")
+
+
+async def _from_backend(backend: Backend, work: Awaitable[T], until: float, too_late: str) -> T:
+    """Await a step of talking to a backend; a timeout or client error becomes a BackendFailed."""
     try:
-        async with asyncio.timeout_at(due[0]):
-            return await content.readany()
+        async with asyncio.timeout_at(until):
+            return await work
     except TimeoutError:
-        raise BackendFailed(Failure(backend, f"no first token within {due[1]}")) from None
+        raise BackendFailed(Failure(backend, too_late)) from None
     except aiohttp.ClientError as exc:
         raise BackendFailed(Failure(backend, _describe(exc))) from None
 
@@ -259,13 +261,8 @@ async def _attempt(
 
 
 async def _read(upstream: aiohttp.ClientResponse, backend: Backend, stall: float) -> bytes:
-    try:
-        async with asyncio.timeout(stall):
-            return await upstream.read()
-    except TimeoutError:
-        raise BackendFailed(Failure(backend, f"the response stalled for {stall:g}s")) from None
-    except aiohttp.ClientError as exc:
-        raise BackendFailed(Failure(backend, _describe(exc))) from None
+    until = asyncio.get_running_loop().time() + stall
+    return await _from_backend(backend, upstream.read(), until, f"the response stalled for {stall:g}s")
 
 
 async def _stream(

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
+from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,7 +30,20 @@ class Gateway:
     requests_total: int = 0
     requests_failed: int = 0
     group_turns: dict[str, int] = field(default_factory=dict)
+    tasks: set[asyncio.Task[Any]] = field(default_factory=set)
     _http: aiohttp.ClientSession | None = None
+
+    def start_task(self, coroutine: Coroutine[Any, Any, Any], name: str) -> asyncio.Task[Any]:
+        """Run a background job for as long as the gateway runs; it is cancelled at shutdown."""
+        task = asyncio.create_task(coroutine, name=name)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+        return task
+
+    async def stop_tasks(self) -> None:
+        for task in list(self.tasks):
+            task.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
 
     @property
     def http(self) -> aiohttp.ClientSession:

@@ -187,3 +187,16 @@ def json_schema(tp: Any) -> dict[str, Any]:
             out["description"] = tp.__doc__.strip().splitlines()[0]
         return out
     raise TypeError(f"unsupported config type {tp!r}")
+
+
+# Checks for ``field(metadata={"check": ...})``: each returns an error message, or None.
+
+
+def positive(value: float | None) -> str | None:
+    """A number above zero (None passes: the field is optional)."""
+    return None if value is None or value > 0 else f"must be greater than 0, got {value}"
+
+
+def share(value: float) -> str | None:
+    """A fraction from 0 to 1."""
+    return None if 0 <= value <= 1 else f"must be between 0 and 1, got {value}"

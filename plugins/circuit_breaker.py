@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 
 from gateway import hookimpl
 from gateway.logs import get_logger
+from gateway.validate import positive, share
 
 if TYPE_CHECKING:
     from gateway.call import Call
@@ -26,25 +27,17 @@ CLOSED, OPEN, HALF_OPEN = "closed", "open", "half_open"
 log = get_logger("multiverse.circuit_breaker")
 
 
-def _positive(value: float) -> str | None:
-    return None if value > 0 else f"must be greater than 0, got {value}"
-
-
-def _ratio(value: float) -> str | None:
-    return None if 0 < value <= 1 else f"must be a share between 0 and 1, got {value}"
-
-
 @dataclass(frozen=True)
 class Options:
-    consecutive_failures: int = field(default=3, metadata={"doc": "failures in a row that open", "check": _positive})
+    consecutive_failures: int = field(default=3, metadata={"doc": "failures in a row that open", "check": positive})
     error_ratio: float = field(
-        default=0.5, metadata={"doc": "share of failures in the window that opens", "check": _ratio}
+        default=0.5, metadata={"doc": "share of failures in the window that opens", "check": share}
     )
-    window: int = field(default=20, metadata={"doc": "recent requests the ratio is taken over", "check": _positive})
+    window: int = field(default=20, metadata={"doc": "recent requests the ratio is taken over", "check": positive})
     min_requests: int = field(
-        default=10, metadata={"doc": "requests in the window before the ratio counts", "check": _positive}
+        default=10, metadata={"doc": "requests in the window before the ratio counts", "check": positive}
     )
-    cooldown: float = field(default=15.0, metadata={"doc": "seconds open before a trial request", "check": _positive})
+    cooldown: float = field(default=15.0, metadata={"doc": "seconds open before a trial request", "check": positive})
 
 
 @dataclass

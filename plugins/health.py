@@ -11,7 +11,6 @@ registered for is marked ``mismatched`` and gets no traffic.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import random
 import time
@@ -22,13 +21,10 @@ import aiohttp
 
 from gateway import hookimpl
 from gateway.registry import HEALTHY, MISMATCHED, UNHEALTHY, Backend
+from gateway.validate import positive
 
 if TYPE_CHECKING:
     from gateway.state import Gateway
-
-
-def _positive(value: float) -> str | None:
-    return None if value > 0 else f"must be greater than 0, got {value}"
 
 
 def _path(value: str) -> str | None:
@@ -37,15 +33,15 @@ def _path(value: str) -> str | None:
 
 @dataclass(frozen=True)
 class Options:
-    interval: float = field(default=10.0, metadata={"doc": "seconds between probes", "check": _positive})
-    timeout: float = field(default=5.0, metadata={"doc": "seconds a probe may take", "check": _positive})
+    interval: float = field(default=10.0, metadata={"doc": "seconds between probes", "check": positive})
+    timeout: float = field(default=5.0, metadata={"doc": "seconds a probe may take", "check": positive})
     unhealthy_after: int = field(
-        default=3, metadata={"doc": "consecutive failures to mark unhealthy", "check": _positive}
+        default=3, metadata={"doc": "consecutive failures to mark unhealthy", "check": positive}
     )
-    healthy_after: int = field(default=1, metadata={"doc": "consecutive successes to mark healthy", "check": _positive})
+    healthy_after: int = field(default=1, metadata={"doc": "consecutive successes to mark healthy", "check": positive})
     path: str = field(default="/v1/models", metadata={"doc": "what to GET; /health also works", "check": _path})
     max_interval: float = field(
-        default=60.0, metadata={"doc": "longest wait between probes of an unhealthy backend", "check": _positive}
+        default=60.0, metadata={"doc": "longest wait between probes of an unhealthy backend", "check": positive}
     )
 
 
@@ -60,18 +56,10 @@ class Plugin:
     def __init__(self, options: Options | None = None) -> None:
         self.options = options or Options()
         self.tracks: dict[str, Track] = {}
-        self._task: asyncio.Task[None] | None = None
 
     @hookimpl
-    async def startup(self, gateway: Gateway) -> None:
-        self._task = asyncio.create_task(self._run(gateway), name="health-probes")
-
-    @hookimpl
-    async def shutdown(self, gateway: Gateway) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+    def startup(self, gateway: Gateway) -> None:
+        gateway.start_task(self._run(gateway), name="health-probes")
 
     async def _run(self, gateway: Gateway) -> None:
         tick = min(self.options.interval, 1.0)

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 
 from gateway import hookimpl
 from gateway.scoring import ScoredStrategy
+from gateway.validate import positive
 
 if TYPE_CHECKING:
     from gateway.call import Call
@@ -27,10 +28,6 @@ def _share(value: float) -> str | None:
     return None if 0 <= value < 1 else f"must be at least 0 and below 1, got {value}"
 
 
-def _positive(value: float) -> str | None:
-    return None if value > 0 else f"must be greater than 0, got {value}"
-
-
 @dataclass(frozen=True)
 class Options:
     alpha: float = field(
@@ -39,7 +36,7 @@ class Options:
     explore: float = field(
         default=0.05, metadata={"doc": "share of requests sent to a random other candidate", "check": _share}
     )
-    failure_penalty: float = field(default=10.0, metadata={"doc": "seconds a failed try counts as", "check": _positive})
+    failure_penalty: float = field(default=10.0, metadata={"doc": "seconds a failed try counts as", "check": positive})
 
 
 class LeastLatency(ScoredStrategy):

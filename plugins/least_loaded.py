@@ -11,7 +11,6 @@ request piling onto the same momentarily idle backend.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import random
 import re
 from collections.abc import Sequence
@@ -22,6 +21,7 @@ import aiohttp
 
 from gateway import hookimpl
 from gateway.scoring import ScoredStrategy
+from gateway.validate import positive
 
 if TYPE_CHECKING:
     from gateway.call import Call
@@ -31,16 +31,12 @@ if TYPE_CHECKING:
 _METRIC = re.compile(rb"^vllm:num_requests_(waiting|running)(?:\{[^}]*\})?\s+([0-9.eE+-]+)", re.MULTILINE)
 
 
-def _positive(value: float) -> str | None:
-    return None if value > 0 else f"must be greater than 0, got {value}"
-
-
 @dataclass(frozen=True)
 class Options:
     metrics: bool = field(default=False, metadata={"doc": "also read vLLM's queue from each backend's /metrics"})
-    metrics_interval: float = field(default=2.0, metadata={"doc": "seconds between /metrics reads", "check": _positive})
+    metrics_interval: float = field(default=2.0, metadata={"doc": "seconds between /metrics reads", "check": positive})
     waiting_weight: float = field(
-        default=1.0, metadata={"doc": "how much one queued request counts", "check": _positive}
+        default=1.0, metadata={"doc": "how much one queued request counts", "check": positive}
     )
 
 
@@ -90,20 +86,12 @@ class LeastLoaded(ScoredStrategy):
 class Plugin:
     def __init__(self, options: Options | None = None) -> None:
         self.strategy = LeastLoaded(options or Options())
-        self._task: asyncio.Task[None] | None = None
 
     @hookimpl
     def register_strategies(self) -> dict[str, LeastLoaded]:
         return {"least_loaded": self.strategy}
 
     @hookimpl
-    async def startup(self, gateway: Gateway) -> None:
+    def startup(self, gateway: Gateway) -> None:
         if self.strategy.options.metrics:
-            self._task = asyncio.create_task(self.strategy.poll(gateway), name="least-loaded-metrics")
-
-    @hookimpl
-    async def shutdown(self, gateway: Gateway) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            gateway.start_task(self.strategy.poll(gateway), name="least-loaded-metrics")

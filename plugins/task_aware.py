@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 from gateway import hookimpl
 from gateway.errors import GatewayError
 from gateway.scoring import ScoredStrategy
+from gateway.validate import share
 from plugins.prompt_analysis import analyse, prompt_of
 
 if TYPE_CHECKING:
@@ -37,18 +38,14 @@ TIER_FIT = {
 }
 
 
-def _share(value: float) -> str | None:
-    return None if 0 <= value <= 1 else f"must be between 0 and 1, got {value}"
-
-
 @dataclass(frozen=True)
 class Options:
     auto_model: str = field(default="auto", metadata={"doc": "the model name that asks for automatic selection"})
     default_capability: float = field(
-        default=0.5, metadata={"doc": "capability of a model that declares none", "check": _share}
+        default=0.5, metadata={"doc": "capability of a model that declares none", "check": share}
     )
     min_capability: float = field(
-        default=0.0, metadata={"doc": "models below this for the task are not chosen", "check": _share}
+        default=0.0, metadata={"doc": "models below this for the task are not chosen", "check": share}
     )
     tier_weight: float = field(default=1.0, metadata={"doc": "how much the tier's fit to complexity counts"})
     cost_weight: float = field(default=0.1, metadata={"doc": "how much cost per 1k tokens counts against a model"})

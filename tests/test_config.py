@@ -121,4 +121,4 @@ def test_plugins_command_lists_plugins_as_json() -> None:
         "enabled": True,
         "hooks": ["register_strategies"],
     }
-    assert listed["health"]["enabled"] and listed["health"]["hooks"] == ["shutdown", "startup"]
+    assert listed["health"]["enabled"] and listed["health"]["hooks"] == ["startup"]
