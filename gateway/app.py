@@ -86,8 +86,10 @@ async def _serve(gateway: Gateway, call: Call) -> web.StreamResponse:
 async def list_models(request: web.Request) -> web.Response:
     gateway = request.app[GATEWAY]
     created = int(gateway.started_at)
+    served = gateway.registry.models()
+    groups = [name for name, members in gateway.config.routing.groups.items() if set(members) & set(served)]
     data = [
-        {"id": m, "object": "model", "created": created, "owned_by": "multiverse"} for m in gateway.registry.models()
+        {"id": m, "object": "model", "created": created, "owned_by": "multiverse"} for m in sorted({*served, *groups})
     ]
     return web.json_response({"object": "list", "data": data})
 

@@ -134,6 +134,7 @@ async def test_groups_are_served_by_any_member(start_backend: StartBackend, star
         for _ in range(4)
     ]
     assert served == ["chatty", "writer", "chatty", "writer"]
+    assert [m.id async for m in client.models.list()] == ["chatty", "coder", "fast", "writer"]  # a group is listed
     await client.close()
 
 
