@@ -74,6 +74,8 @@ def resolve_admin_key(config: GatewayConfig, log: Any) -> str:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w", encoding="utf-8") as handle:
         handle.write(key + "\n")
+        handle.flush()
+        os.fsync(handle.fileno())  # the key must outlive a crash, like the registrations it guards
     log.warning(
         "admin_key_generated",
         path=str(path),
