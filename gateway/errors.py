@@ -59,7 +59,3 @@ class GatewayError(Exception):
             content_type="application/json",
             headers=headers,
         )
-
-
-def error_response(status: int, message: str, *, code: str | None = None) -> web.Response:
-    return GatewayError(status, message, code=code).to_response()

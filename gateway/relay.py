@@ -40,7 +40,6 @@ _NOT_FORWARDED = HOP_BY_HOP | {"host", "content-length", "authorization", "x-api
 _NOT_RETURNED = HOP_BY_HOP | {"content-length", "set-cookie"}
 RETRY_STATUSES = frozenset({408, 429})
 T = TypeVar("T")
-BACKEND_ERRORS = (aiohttp.ClientError, asyncio.TimeoutError)
 CLIENT_GONE = (ConnectionResetError, aiohttp.ClientConnectionResetError)
 
 

@@ -16,6 +16,7 @@ offers, ``task_aware``, orders one model's backends by fewest requests in flight
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -128,11 +129,7 @@ class Plugin:
         assert self.gateway is not None
         declared = self.gateway.config.models.get(model)
         if declared is not None:  # the instructor's word wins over a registration's
-            return {
-                "capabilities": declared.capabilities, "tier": declared.tier,
-                "cost_per_1k_prompt_tokens": declared.cost_per_1k_prompt_tokens,
-                "cost_per_1k_completion_tokens": declared.cost_per_1k_completion_tokens,
-            }  # fmt: skip
+            return dataclasses.asdict(declared)
         for backend in self.gateway.registry.for_model(model):
             if backend.profile:
                 return backend.profile

@@ -72,9 +72,8 @@ async def test_client_hanging_up_mid_stream_cancels_the_backend(
     start_backend: StartBackend, start_gateway: StartGateway
 ) -> None:
     backend = await start_backend(chunks=100, delay=0.1)
-    gateway = await start_gateway(backend)
-    completed = []
-    gateway.state.plugins.request_complete.append(("probe", lambda call: completed.append(call)))
+    gateway = await start_gateway(backend, plugins={"tests.observer_plugin": None})
+    completed = gateway.state.plugins.pm.get_plugin("tests.observer_plugin").calls
     async with aiohttp.ClientSession() as session:
         response = await session.post(gateway.base_url + "/chat/completions", json=CHAT)
         await response.content.readany()
