@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
-import os
 import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from gateway.errors import GatewayError
@@ -13,7 +15,54 @@ if TYPE_CHECKING:
     from aiohttp import web
 
     from gateway.registry import Backend
-    from gateway.relay import Failure
+    from gateway.state import Gateway
+
+MAX_MODEL_NAME = 256
+MAX_ID_LENGTH = 128
+
+OUTCOMES = ("ok", "connect_error", "timeout", "http_error", "bad_answer", "stalled", "client_gone")
+"""What came of one attempt: answered, could not connect, no (first) byte in time, an error status or
+redirect, an answer that is not what was asked for (not JSON, not an event stream, too large), silence
+or a break mid-answer, or the client hung up while it ran."""
+
+
+@dataclass(slots=True, eq=False)
+class Attempt:
+    """One try of one backend for a call. Times are ``time.perf_counter()`` seconds."""
+
+    backend: Backend
+    model: str
+    started: float
+    first_byte: float | None = None
+    ended: float | None = None
+    status: int | None = None
+    outcome: str = "ok"
+    reason: str | None = None
+    retry_after: float | None = None
+    mid_stream: bool = False
+
+    @property
+    def failed(self) -> bool:
+        """The backend's fault: not ``ok``, and not the client hanging up."""
+        return self.outcome not in ("ok", "client_gone")
+
+    @property
+    def time_to_first_byte(self) -> float | None:
+        return None if self.first_byte is None else self.first_byte - self.started
+
+    def public(self) -> dict[str, Any]:
+        return {
+            "backend": self.backend.name,
+            "model": self.model,
+            "status": self.status,
+            "outcome": self.outcome,
+            "reason": self.reason,
+            "ttfb_ms": None if self.first_byte is None else round((self.first_byte - self.started) * 1000, 2),
+            "ms": None if self.ended is None else round((self.ended - self.started) * 1000, 2),
+        }
+
+
+Listener = Callable[[bytes], None]
 
 
 class Call:
@@ -34,14 +83,17 @@ class Call:
         "endpoint",
         "error",
         "explain",
-        "failures",
         "fallbacks",
         "first_byte_at",
+        "gateway",
+        "identity",
         "json",
+        "listeners",
         "model",
         "request",
         "request_id",
         "requested_model",
+        "response",
         "response_headers",
         "route",
         "started",
@@ -49,32 +101,47 @@ class Call:
         "status",
         "stream",
         "tags",
+        "upstream_id",
+        "usage",
     )
 
-    def __init__(self, request: web.Request, request_id: str, endpoint: str, body: bytes, data: dict[str, Any]) -> None:
+    def __init__(
+        self,
+        gateway: Gateway,
+        request: web.Request,
+        request_id: str,
+        endpoint: str,
+        body: bytes,
+        data: dict[str, Any],
+    ) -> None:
+        self.gateway = gateway
         self.request = request
         self.request_id = request_id
+        self.upstream_id = request_id if _is_uuid(request_id) else str(uuid.uuid4())
         self.endpoint = endpoint
         self.body = body
         self.json = data
-        self.model: str = data["model"]
+        self.model: str = data.get("model") or ""
         self.requested_model = self.model
         self.stream: bool = data.get("stream") is True
-        self.backend: Backend | None = None
-        self.failures: list[Failure] = []
+        self.identity: Any = None  # what ``authenticate`` answered: who is calling
+        self.backend: Backend | None = None  # who answered (or was last tried)
+        self.attempts: list[Attempt] = []
         self.fallbacks: list[str] | None = None  # models to try after this one; None: routing.fallbacks
         self.tags: dict[str, Any] = {}  # plugins' facts about the call, e.g. task_type: logged and explained
         self.explain: dict[str, Any] = {}  # plugins' reasoning, shown only by /v1/route/explain
         self.dry_run = False  # True for /v1/route/explain: decide, but change nothing and call no backend
-        self.attempts = 0
-        self.status = 0
-        self.error: str | None = None
+        self.status = 0  # the HTTP status the client got; 499 if it hung up first
+        self.error: str | None = None  # why the call failed, also when a stream broke after a 200
         self.client_disconnected = False
         self.started = time.perf_counter()
         self.first_byte_at: float | None = None
         self.bytes_out = 0
         self.chunks = 0
-        self.response_headers: dict[str, str] = {}
+        self.usage: dict[str, Any] | None = None  # the answer's OpenAI ``usage``, when it reported one
+        self.listeners: list[Listener] | None = None
+        self.response: web.StreamResponse | None = None  # the client's response once it is prepared
+        self.response_headers: dict[str, str] = {}  # extra headers for the client's answer
         self.route = ""  # the strategy that ordered the candidates
         self.state: dict[str, Any] = {}
 
@@ -86,6 +153,25 @@ class Call:
         self.body = json.dumps(data, separators=(",", ":")).encode()
 
     @property
+    def prompt(self) -> str:
+        """The last user message of a chat, or a completion's prompt (``prompt_text``)."""
+        return prompt_text(self.json)
+
+    def on_chunk(self, listener: Listener) -> None:
+        """Call ``listener(chunk)`` with every chunk of this call's answer, as the client gets it.
+
+        Costs nothing for calls without listeners. A listener that raises is detached and logged.
+        """
+        if self.listeners is None:
+            self.listeners = []
+        self.listeners.append(listener)
+
+    @property
+    def failures(self) -> list[Attempt]:
+        """The attempts that failed through the backend's fault."""
+        return [a for a in self.attempts if a.failed]
+
+    @property
     def latency(self) -> float:
         """Seconds since the gateway received the request."""
         return time.perf_counter() - self.started
@@ -95,12 +181,42 @@ class Call:
         return None if self.first_byte_at is None else self.first_byte_at - self.started
 
 
+def prompt_text(body: dict[str, Any]) -> str:
+    """The prompt of a request: the last user message of a chat (its text parts), or a completion's prompt."""
+    messages = body.get("messages")
+    if isinstance(messages, list):
+        for message in reversed(messages):
+            if isinstance(message, dict) and message.get("role") == "user":
+                content = message.get("content")
+                if isinstance(content, list):  # multi-part content: its text parts
+                    return " ".join(str(p.get("text", "")) for p in content if isinstance(p, dict))
+                return str(content or "")
+        return ""
+    prompt = body.get("prompt", "")
+    return prompt if isinstance(prompt, str) else " ".join(map(str, prompt)) if isinstance(prompt, list) else ""
+
+
+def _is_uuid(value: str) -> bool:
+    if len(value) != 36:
+        return False
+    try:
+        uuid.UUID(value)
+    except ValueError:
+        return False
+    return True
+
+
 def request_id_of(request: web.Request) -> str:
-    """The client's X-Request-ID if it is sensible, else a new one."""
+    """The client's X-Request-ID if it is sensible (kept for the client and the logs), else a new UUID."""
     given = request.headers.get("X-Request-ID")
-    if given and len(given) <= 128 and given.isprintable():
+    if given and len(given) <= MAX_ID_LENGTH and given.isprintable() and given.isascii():
         return given
-    return os.urandom(12).hex()
+    return str(uuid.uuid4())
+
+
+def shown(value: str, limit: int = 80) -> str:
+    """A client-supplied string, cut short for an error message or a log line."""
+    return value if len(value) <= limit else f"{value[:limit]}... ({len(value)} characters)"
 
 
 def parse_body(body: bytes) -> dict[str, Any]:
@@ -110,7 +226,9 @@ def parse_body(body: bytes) -> dict[str, Any]:
     try:
         data = json.loads(body)
     except (ValueError, UnicodeDecodeError) as exc:
-        raise GatewayError(400, f"the request body is not valid JSON ({exc}); send a JSON object") from None
+        raise GatewayError(400, f"the request body is not valid JSON ({shown(str(exc))}); send a JSON object") from None
+    except RecursionError:
+        raise GatewayError(400, "the request body is JSON nested too deeply; flatten it") from None
     if not isinstance(data, dict):
         raise GatewayError(400, f"the request body must be a JSON object, not {type(data).__name__}")
     model = data.get("model")
@@ -118,6 +236,10 @@ def parse_body(body: bytes) -> dict[str, Any]:
         raise GatewayError(400, "'model' is required; GET /v1/models lists the models served here", param="model")
     if not isinstance(model, str) or not model:
         raise GatewayError(400, "'model' must be a non-empty string naming a model", param="model")
+    if len(model) > MAX_MODEL_NAME:
+        raise GatewayError(
+            400, f"'model' is {len(model)} characters; a model name has at most {MAX_MODEL_NAME}", param="model"
+        )
     if "stream" in data and not isinstance(data["stream"], bool):
         raise GatewayError(400, "'stream' must be true or false", param="stream")
     messages = data.get("messages")

@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import dataclasses
 import json
+import os
 import sqlite3
 import sys
 from pathlib import Path
@@ -251,6 +252,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _add_plugin_commands(parser: argparse.ArgumentParser) -> None:
+    """Subcommands of the plugins enabled in ./gateway.yaml (or $MULTIVERSE_CONFIG); none if it has problems."""
+    from gateway.plugins import Plugins
+
+    path = os.environ.get("MULTIVERSE_CONFIG")
+    try:
+        config = _load(path)
+        plugins = Plugins(config)
+    except ConfigError:
+        return  # check-config says what is wrong; the built-in commands still work
+    subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    plugins.add_commands(subparsers)
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    _add_plugin_commands(parser)
+    args = parser.parse_args(argv)
     return int(args.func(args))

@@ -157,6 +157,13 @@ class RoutingConfig:
             "check": positive,
         },
     )
+    max_response_bytes: int = field(
+        default=32 * 1024 * 1024,
+        metadata={
+            "doc": "largest non-streamed answer taken from a backend (502 beyond, the backend blamed)",
+            "check": positive,
+        },
+    )
     resume_streams: bool = field(
         default=False,
         metadata={"doc": "continue a stream that breaks mid-way on another backend, from the text so far"},

@@ -18,22 +18,10 @@ from typing import Any
 from aiohttp import web
 from aiohttp_sse import sse_response
 
+from gateway.call import prompt_text
+
 MODEL = web.AppKey("model", str)
 DELAY = web.AppKey("delay", float)
-
-
-def prompt_text(body: dict[str, Any]) -> str:
-    """The text to echo: the last user message, or the completion prompt."""
-    if "messages" in body:
-        for message in reversed(body.get("messages") or []):
-            if isinstance(message, dict) and message.get("role") == "user":
-                content = message.get("content")
-                if isinstance(content, list):
-                    return " ".join(p.get("text", "") for p in content if isinstance(p, dict))
-                return str(content or "")
-        return ""
-    prompt = body.get("prompt", "")
-    return " ".join(map(str, prompt)) if isinstance(prompt, list) else str(prompt)
 
 
 def _usage(prompt: str, completion: str) -> dict[str, int]:

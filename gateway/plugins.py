@@ -3,18 +3,26 @@
 A plugin is a module (or an object) with ``@hookimpl`` functions. If its module
 defines an ``Options`` dataclass, the YAML options are validated into it; if it
 defines a ``Plugin`` class, ``Plugin(options)`` is registered instead of the
-module, so each gateway gets its own state.
+module, so each gateway gets its own state. Built-in plugins are the modules of the
+``plugins`` package that implement a hook: adding a file there is all it takes.
+
+Implementations are called in the order ``gateway.yaml`` lists their plugins
+(``tryfirst`` before, ``trylast`` after), each with only the arguments it declares.
 """
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import importlib
 import importlib.util
 import inspect
+import pkgutil
 import re
 import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, is_dataclass
+from functools import cache
 from importlib.metadata import entry_points
 from pathlib import Path
 from types import ModuleType
@@ -28,17 +36,24 @@ from gateway.hookspecs import Strategy
 from gateway.logs import get_logger
 from gateway.validate import ValidationError, build, did_you_mean
 
-BUILTIN = {
-    "round_robin": "plugins.round_robin",
-    "health": "plugins.health",
-    "circuit_breaker": "plugins.circuit_breaker",
-    "weighted": "plugins.weighted",
-    "least_latency": "plugins.least_latency",
-    "least_loaded": "plugins.least_loaded",
-    "task_aware": "plugins.task_aware",
-}
 ENTRY_POINT_GROUP = "multiverse.plugins"
 HookFn = Callable[..., Any]
+Impls = list[tuple[str, HookFn]]
+"""(plugin name, function taking the hook's arguments positionally, in the spec's order)."""
+
+
+@cache
+def builtin() -> dict[str, str]:
+    """Built-in plugins by name: every module of the ``plugins`` package that implements a hook."""
+    import plugins
+
+    found = {}
+    for info in pkgutil.iter_modules(plugins.__path__):
+        if not info.ispkg and not info.name.startswith("_"):
+            module = importlib.import_module(f"plugins.{info.name}")
+            if _hooks_in(module):
+                found[info.name] = module.__name__
+    return found
 
 
 @dataclass(frozen=True)
@@ -47,6 +62,8 @@ class PluginInfo:
     source: str
     enabled: bool
     hooks: tuple[str, ...]
+    strategies: tuple[str, ...] = ()
+    options: dict[str, Any] | None = None
 
 
 class Plugins:
@@ -56,95 +73,215 @@ class Plugins:
         self.pm = pluggy.PluginManager(PROJECT)
         self.pm.add_hookspecs(hookspecs)
         self.sources: dict[str, str] = {}
+        self.options: dict[str, Any] = {}
+        self.log = get_logger("gateway.plugins")
+        order = list(DEFAULT_PLUGINS) + [n for n in config.plugins if n not in DEFAULT_PLUGINS]
         problems: list[str] = []
-        names = list(DEFAULT_PLUGINS) + [n for n in config.plugins if n not in DEFAULT_PLUGINS]
-        for name in names:
-            try:
-                module, source = _import(name, config.base_dir)
-                self.pm.register(_instantiate(module, name, config.plugins.get(name)), name=name)
-                self.sources[name] = source
-            except ValidationError as exc:
-                problems.extend(exc.problems)
-            except pluggy.PluginValidationError as exc:
-                problems.append(_hook_problem(name, exc))
+        for name in order:
+            problems += self._add(name, config.plugins.get(name), config.base_dir)
         if problems:
             raise ConfigError(problems)
         try:
             self.pm.check_pending()
         except pluggy.PluginValidationError as exc:
             raise ConfigError([_hook_problem(str(exc.plugin), exc)]) from None
-        self.strategies = self._collect_strategies()
-        if config.routing.strategy not in self.strategies:
-            hint = did_you_mean(config.routing.strategy, self.strategies)
+        self.order = {name: i for i, name in enumerate(self.sources)}
+        self.strategies, self.owners = self._collect_strategies()
+        wanted = config.routing.strategy
+        if wanted not in self.strategies and self._enable_offering(wanted, config.base_dir):
+            self.strategies, self.owners = self._collect_strategies()
+        if wanted not in self.strategies:
+            hint = did_you_mean(wanted, self.strategies)
             raise ConfigError(
                 [
-                    f"routing.strategy: no strategy named '{config.routing.strategy}'{hint}; "
-                    f"available: {', '.join(sorted(self.strategies))} (a plugin that offers it must be "
-                    "listed under plugins:)"
+                    f"routing.strategy: no strategy named '{wanted}'{hint}; available: "
+                    f"{', '.join(sorted(self.strategies))} (a plugin that offers it must be listed under plugins:)"
                 ]
             )
-        self.strategy: Strategy = self.strategies[config.routing.strategy]
+        self.strategy: Strategy = self.strategies[wanted]
+        self.strategy_owner = self.owners[wanted]
+        self.authenticate = self.impls("authenticate")
         self.before_request = self.impls("before_request")
-        self.filter_candidates = self.impls("filter_candidates")
+        self.answer_request = self.impls("answer_request")
+        self.filters = self.impls("filter_candidates")
         self.request_complete = self.impls("request_complete")
-        self.log = get_logger("gateway.plugins")
 
-    def impls(self, hook: str) -> list[tuple[str, HookFn]]:
-        """(plugin name, function) for a hook, in the order pluggy would call them."""
+    def _add(self, name: str, options: dict[str, Any] | None, base_dir: Path) -> list[str]:
+        try:
+            module, source = _import(name, base_dir)
+            plugin, parsed = _instantiate(module, name, options)
+            self.pm.register(plugin, name=name)
+        except ValidationError as exc:
+            return exc.problems
+        except pluggy.PluginValidationError as exc:
+            return [_hook_problem(name, exc)]
+        wrappers = [hook for hook, impl in self._impls_of(name) if impl.hookwrapper or impl.wrapper]
+        if wrappers:
+            self.pm.unregister(name=name)
+            return [
+                f"plugins.{name}: {', '.join(wrappers)} is a wrapper (wrapper=True or hookwrapper=True), "
+                "which the gateway cannot call; make it a plain @hookimpl"
+            ]
+        self.sources[name] = source
+        self.options[name] = parsed
+        return []
+
+    def _impls_of(self, name: str) -> Iterator[tuple[str, pluggy.HookImpl]]:
+        for hook_name in dir(self.pm.hook):
+            caller = getattr(self.pm.hook, hook_name)
+            if isinstance(caller, pluggy.HookCaller):
+                for impl in caller.get_hookimpls():
+                    if impl.plugin_name == name:
+                        yield hook_name, impl
+
+    def _enable_offering(self, strategy: str, base_dir: Path) -> bool:
+        """Enable the built-in plugin that offers ``strategy``, with its default options, if one does."""
+        for name in builtin():
+            if name in self.sources:
+                continue
+            module = importlib.import_module(builtin()[name])
+            try:
+                plugin, _ = _instantiate(module, name, None)
+            except ValidationError:
+                continue  # it needs options: it must be listed
+            offers = getattr(plugin, "register_strategies", None)
+            if offers is not None and strategy in (offers() or {}) and not self._add(name, None, base_dir):
+                self.order[name] = len(self.order)
+                self.log.info("plugin_enabled_for_strategy", plugin=name, strategy=strategy)
+                return True
+        return False
+
+    def impls(self, hook: str) -> Impls:
+        """(plugin name, function) for a hook in calling order; each function takes the spec's arguments."""
         caller = getattr(self.pm.hook, hook)
-        return [(impl.plugin_name, impl.function) for impl in reversed(caller.get_hookimpls())]
+        spec = tuple(caller.spec.argnames) if caller.spec else ()
+        found = sorted(
+            caller.get_hookimpls(),
+            key=lambda i: (0 if i.tryfirst else 2 if i.trylast else 1, self.order.get(i.plugin_name, 0)),
+        )
+        return [(impl.plugin_name, _adapt(impl.function, tuple(impl.argnames), spec)) for impl in found]
 
-    def _collect_strategies(self) -> dict[str, Strategy]:
+    def _collect_strategies(self) -> tuple[dict[str, Strategy], dict[str, str]]:
         strategies: dict[str, Strategy] = {}
         owners: dict[str, str] = {}
-        for plugin, fn in reversed(self.impls("register_strategies")):  # built-ins first
+        offering = sorted(self.impls("register_strategies"), key=lambda impl: self.order.get(impl[0], 0))
+        for plugin, fn in offering:  # in gateway.yaml's order, so the later plugin is the one refused
             for name, strategy in (fn() or {}).items():
                 if name in strategies:
                     raise ConfigError([f"plugins.{plugin}: strategy '{name}' is already offered by {owners[name]}"])
                 strategies[name], owners[name] = strategy, plugin
-        return strategies
+        return strategies, owners
 
-    async def call_all(self, hook: str, **kwargs: Any) -> None:
+    async def call_all(self, hook: str, *args: Any) -> None:
         """Call every implementation in order, awaiting async ones; exceptions propagate."""
         for _, fn in self.impls(hook):
-            result = fn(**kwargs)
+            result = fn(*args)
             if inspect.isawaitable(result):
                 await result
 
-    async def call_all_logged(self, impls: list[tuple[str, HookFn]], event: str, **kwargs: Any) -> None:
+    async def call_logged(self, impls: Impls, event: str, *args: Any) -> None:
         """Call every implementation; an exception is logged with the plugin's name and skipped."""
         for plugin, fn in impls:
             try:
-                result = fn(**kwargs)
+                result = fn(*args)
                 if result is not None and inspect.isawaitable(result):  # sync observers return None: no check
                     await result
             except Exception:
                 self.log.exception(event, plugin=plugin)
 
+    async def call_refusable(self, impls: Impls, event: str, *args: Any) -> None:
+        """Call every implementation; a ``GatewayError`` (a refusal) propagates, other exceptions are logged."""
+        from gateway.errors import GatewayError
+
+        for plugin, fn in impls:
+            try:
+                result = fn(*args)
+                if result is not None and inspect.isawaitable(result):
+                    await result
+            except GatewayError:
+                raise
+            except Exception:
+                self.log.exception(event, plugin=plugin)
+
+    def call_sync_logged(self, hook: str, event: str, *args: Any) -> None:
+        for plugin, fn in self.impls(hook):
+            try:
+                fn(*args)
+            except Exception:
+                self.log.exception(event, plugin=plugin)
+
     @staticmethod
-    async def call_first(impls: list[tuple[str, HookFn]], **kwargs: Any) -> tuple[str, Any] | None:
+    async def call_first(impls: Impls, *args: Any) -> tuple[str, Any] | None:
         """(plugin, result) of the first non-None result, awaiting async implementations."""
         for plugin, fn in impls:
-            result = fn(**kwargs)
+            result = fn(*args)
             if inspect.isawaitable(result):
                 result = await result
             if result is not None:
                 return plugin, result
         return None
 
+    def pipe(self, hook: str, value: Any, *args: Any) -> Any:
+        """Pass ``value`` through every implementation in turn (the last argument); None keeps it."""
+        for plugin, fn in self.impls(hook):
+            try:
+                changed = fn(*args, value)
+            except Exception:
+                self.log.exception(f"{hook}_failed", plugin=plugin)
+                continue
+            value = value if changed is None else changed
+        return value
+
+    def add_commands(self, subparsers: argparse._SubParsersAction[Any]) -> None:
+        for _, fn in self.impls("register_commands"):
+            fn(subparsers)
+
     def describe(self, config: GatewayConfig) -> list[PluginInfo]:
-        """Every plugin that could be enabled, and whether it is."""
-        hooks_of: dict[str, set[str]] = {}
-        for name in self.pm.hook.__dict__:
-            for impl in getattr(self.pm.hook, name).get_hookimpls():
-                hooks_of.setdefault(impl.plugin_name, set()).add(name)
+        """Every plugin that could be enabled, whether it is, its strategies and effective options."""
+        offered: dict[str, list[str]] = {}
+        for strategy, owner in self.owners.items():
+            offered.setdefault(owner, []).append(strategy)
         infos = [
-            PluginInfo(name, self.sources[name], True, tuple(sorted(hooks_of.get(name, ())))) for name in self.sources
+            PluginInfo(
+                name,
+                self.sources[name],
+                True,
+                tuple(sorted(h for h, _ in self._impls_of(name))),
+                tuple(sorted(offered.get(name, ()))),
+                _as_dict(self.options.get(name)),
+            )
+            for name in self.sources
         ]
         for name, source, module in available():
-            if name not in self.sources:
-                infos.append(PluginInfo(name, source, False, _hooks_in(module)))
+            if name in self.sources:
+                continue
+            try:
+                plugin, parsed = _instantiate(module, name, None)
+                offers = getattr(plugin, "register_strategies", None)
+                strategies = tuple(sorted((offers() if offers else None) or {}))
+            except Exception:  # needs options, or fails: listed, not described
+                parsed, strategies = None, ()
+            infos.append(PluginInfo(name, source, False, _hooks_in(module), strategies, _as_dict(parsed)))
         return infos
+
+
+def _adapt(fn: HookFn, argnames: tuple[str, ...], spec: tuple[str, ...]) -> HookFn:
+    """``fn`` called with the spec's arguments positionally, though it declares only some of them."""
+    if argnames == spec:
+        return fn
+    picks = tuple(spec.index(name) for name in argnames)
+    if not picks:
+        return lambda *_: fn()
+    if len(picks) == 1:
+        (only,) = picks
+        return lambda *args: fn(args[only])
+    return lambda *args: fn(*[args[i] for i in picks])
+
+
+def _as_dict(options: Any) -> dict[str, Any] | None:
+    if options is None or not is_dataclass(options) or isinstance(options, type):
+        return None
+    return dataclasses.asdict(options)
 
 
 def _hook_problem(name: str, exc: pluggy.PluginValidationError) -> str:
@@ -159,7 +296,7 @@ def _hook_problem(name: str, exc: pluggy.PluginValidationError) -> str:
 
 def available() -> Iterator[tuple[str, str, ModuleType | Any]]:
     """Built-in plugins and installed entry points (imported, not registered)."""
-    for name, module in BUILTIN.items():
+    for name, module in builtin().items():
         yield name, "built-in", importlib.import_module(module)
     for ep in entry_points(group=ENTRY_POINT_GROUP):
         try:
@@ -176,35 +313,21 @@ def _hooks_in(obj: Any) -> tuple[str, ...]:
 
 def _import(name: str, base_dir: Path) -> tuple[ModuleType | Any, str]:
     where = f"plugins.{name}"
-    if name in BUILTIN:
-        return importlib.import_module(BUILTIN[name]), "built-in"
+    if name in builtin():
+        return importlib.import_module(builtin()[name]), "built-in"
     for ep in entry_points(group=ENTRY_POINT_GROUP, name=name):
         return ep.load(), f"entry point of {ep.dist.name if ep.dist else '?'}"
     if name.endswith(".py") or "/" in name:
-        path = Path(name).expanduser()
-        path = path if path.is_absolute() else base_dir / path
-        if not path.is_file():
-            raise ValidationError([f"{where}: no plugin file at {path}"])
-        module_name = f"multiverse_plugin_{path.stem}_{abs(hash(str(path.resolve())))}"
-        spec = importlib.util.spec_from_file_location(module_name, path)
-        assert spec is not None and spec.loader is not None
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[module_name] = module
-        try:
-            spec.loader.exec_module(module)
-        except Exception as exc:
-            sys.modules.pop(module_name, None)
-            raise ValidationError([f"{where}: the file {path} failed to import: {type(exc).__name__}: {exc}"]) from None
-        return module, f"file {path}"
+        return _import_file(name, base_dir), f"file {_plugin_path(name, base_dir)}"
     try:
         return importlib.import_module(name), "module"
     except ModuleNotFoundError as exc:
         if exc.name is not None and name.startswith(exc.name):
-            known = list(BUILTIN) + [ep.name for ep in entry_points(group=ENTRY_POINT_GROUP)]
+            known = list(builtin()) + [ep.name for ep in entry_points(group=ENTRY_POINT_GROUP)]
             hint = did_you_mean(name, known)
             raise ValidationError(
                 [
-                    f"{where}: no plugin named '{name}'{hint}; built-in: {', '.join(BUILTIN)}; "
+                    f"{where}: no plugin named '{name}'{hint}; built-in: {', '.join(builtin())}; "
                     "or give a file path (./my_plugin.py), a module path, or install a package "
                     f"with a '{ENTRY_POINT_GROUP}' entry point"
                 ]
@@ -212,7 +335,32 @@ def _import(name: str, base_dir: Path) -> tuple[ModuleType | Any, str]:
         raise ValidationError([f"{where}: importing '{name}' failed: {exc}"]) from None
 
 
-def _instantiate(module: ModuleType | Any, name: str, options: dict[str, Any] | None) -> Any:
+def _plugin_path(name: str, base_dir: Path) -> Path:
+    path = Path(name).expanduser()
+    return path if path.is_absolute() else base_dir / path
+
+
+def _import_file(name: str, base_dir: Path) -> ModuleType:
+    path = _plugin_path(name, base_dir)
+    if not path.is_file():
+        raise ValidationError([f"plugins.{name}: no plugin file at {path}"])
+    module_name = f"multiverse_plugin_{path.stem}_{abs(hash(str(path.resolve())))}"
+    spec = importlib.util.spec_from_file_location(module_name, path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[module_name] = module
+    try:
+        spec.loader.exec_module(module)
+    except Exception as exc:
+        sys.modules.pop(module_name, None)
+        raise ValidationError(
+            [f"plugins.{name}: the file {path} failed to import: {type(exc).__name__}: {exc}"]
+        ) from None
+    return module
+
+
+def _instantiate(module: ModuleType | Any, name: str, options: dict[str, Any] | None) -> tuple[Any, Any]:
+    """(what to register, its parsed options)."""
     where = f"plugins.{name}"
     options_cls: Any = getattr(module, "Options", None)
     if isinstance(options_cls, type) and is_dataclass(options_cls):
@@ -224,8 +372,8 @@ def _instantiate(module: ModuleType | Any, name: str, options: dict[str, Any] | 
     plugin_cls = getattr(module, "Plugin", None)
     if inspect.isclass(plugin_cls):
         factory: Callable[..., Any] = plugin_cls
-        return factory(parsed) if parsed is not None else factory()
-    return module
+        return (factory(parsed) if parsed is not None else factory()), parsed
+    return module, parsed
 
 
 def config_schema() -> dict[str, Any]:
@@ -236,7 +384,7 @@ def config_schema() -> dict[str, Any]:
     out = schema()
     plugins = out["properties"]["plugins"]
     plugins["properties"] = {}
-    for name, module_name in BUILTIN.items():
+    for name, module_name in builtin().items():
         options = getattr(importlib.import_module(module_name), "Options", None)
         plugins["properties"][name] = json_schema(options) if options else {"type": "null"}
         plugins["properties"][name] = {"anyOf": [plugins["properties"][name], {"type": "null"}]}

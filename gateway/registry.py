@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -91,8 +91,14 @@ class Backend:
     in_flight: int = 0
     served: int = 0
     failed: int = 0
+    active_at: float = 0.0
+    """``time.monotonic()`` when a request of ours last got bytes from it: a busy backend is not a dead one."""
     notes: dict[str, Any] = field(default_factory=dict)
     """Plugins' per-backend state worth showing (e.g. a circuit breaker's), keyed by plugin."""
+
+    def auth_headers(self) -> dict[str, str]:
+        """What proves the gateway to this backend: its own key as a bearer token, if it has one."""
+        return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
 
     @property
     def routable(self) -> bool:
@@ -142,6 +148,33 @@ class Registry:
                 setattr(backend, name, getattr(conf, name))
             self.backends[backend.id] = backend
         self._by_model: dict[str, tuple[Backend, ...]] = {}
+        self.on_change: Callable[[Backend, str, str | None], None] | None = None
+        """Told of every registration, update, removal and status change (the gateway's event hook)."""
+
+    def _changed(self, backend: Backend, event: str, reason: str | None = None) -> None:
+        if self.on_change is not None:
+            self.on_change(backend, event, reason)
+
+    async def migrate(self, owner: str, steps: Sequence[str]) -> int:
+        """Bring a plugin's own tables up to date: apply, once each and in order, the SQL scripts not yet applied.
+
+        ``owner`` is the plugin's name; its schema version (how many steps were applied) is kept in the
+        ``plugin_schemas`` table. Each step and its version are committed together. Returns the version.
+        """
+        await self.db.execute(
+            "CREATE TABLE IF NOT EXISTS plugin_schemas (plugin TEXT PRIMARY KEY, version INTEGER NOT NULL)"
+        )
+        await self.db.commit()
+        async with self.db.execute("SELECT version FROM plugin_schemas WHERE plugin = ?", (owner,)) as cursor:
+            row = await cursor.fetchone()
+        current = int(row[0]) if row else 0
+        quoted = owner.replace("'", "''")
+        for version, script in enumerate(steps[current:], current + 1):
+            await self.db.executescript(
+                f"BEGIN;\n{script.rstrip().rstrip(';')};\n"
+                f"INSERT OR REPLACE INTO plugin_schemas (plugin, version) VALUES ('{quoted}', {version});\nCOMMIT;"
+            )
+        return max(current, len(steps))
 
     async def open(self) -> None:
         self.db_path.parent.mkdir(parents=True, exist_ok=True)
@@ -233,6 +266,7 @@ class Registry:
         await self.db.commit()
         self.backends[backend.id] = backend
         self._reindex()
+        self._changed(backend, "registered")
         return backend
 
     async def update(self, backend: Backend, changes: dict[str, Any]) -> Backend:
@@ -254,6 +288,7 @@ class Registry:
         if "url" in columns:
             backend.status, backend.last_error, backend.status_since = UNKNOWN, None, time.time()
         self._reindex()
+        self._changed(backend, "updated", ", ".join(sorted(columns)))
         return backend
 
     async def remove(self, backend: Backend) -> None:
@@ -261,6 +296,7 @@ class Registry:
         await self.db.commit()
         self.backends.pop(backend.id, None)
         self._reindex()
+        self._changed(backend, "removed")
 
     async def set_status(self, backend: Backend, status: str, error: str | None = None) -> None:
         """Record a health transition (for a config backend, in memory only)."""
@@ -273,6 +309,7 @@ class Registry:
             await self.db.commit()
         backend.status, backend.last_error, backend.status_since = status, error, now
         self._reindex()
+        self._changed(backend, status, error)
 
 
 def _default_name(url: str) -> str:

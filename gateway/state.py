@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -14,7 +14,7 @@ from aiohttp import web
 from gateway.config import GatewayConfig
 from gateway.logs import get_logger
 from gateway.plugins import Plugins
-from gateway.registry import Registry
+from gateway.registry import Backend, Registry
 
 
 @dataclass(eq=False)
@@ -33,12 +33,43 @@ class Gateway:
     tasks: set[asyncio.Task[Any]] = field(default_factory=set)
     _http: aiohttp.ClientSession | None = None
 
+    def __post_init__(self) -> None:
+        self.registry.on_change = self.backend_changed
+
     def start_task(self, coroutine: Coroutine[Any, Any, Any], name: str) -> asyncio.Task[Any]:
-        """Run a background job for as long as the gateway runs; it is cancelled at shutdown."""
+        """Run a background job for as long as the gateway runs; it is cancelled at shutdown.
+
+        If it dies of an exception, that is logged with ``name`` (start it with your plugin's name).
+        """
         task = asyncio.create_task(coroutine, name=name)
         self.tasks.add(task)
-        task.add_done_callback(self.tasks.discard)
+        task.add_done_callback(self._task_done)
         return task
+
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        self.tasks.discard(task)
+        error = None if task.cancelled() else task.exception()
+        if error is not None:
+            self.log.error("task_died", task=task.get_name(), exc_info=(type(error), error, error.__traceback__))
+
+    def every(self, seconds: float, job: Callable[[], Awaitable[Any]], name: str) -> asyncio.Task[Any]:
+        """Run ``await job()`` every ``seconds`` while the gateway runs; an exception is logged, the loop goes on."""
+
+        async def loop() -> None:
+            while True:
+                try:
+                    await job()
+                except Exception:
+                    self.log.exception("task_failed", task=name)
+                await asyncio.sleep(seconds)
+
+        return self.start_task(loop(), name=name)
+
+    def backend_changed(self, backend: Backend, event: str, reason: str | None = None) -> None:
+        """Tell ``backend_status_changed`` observers; every exception is logged, none escapes."""
+        self.plugins.call_sync_logged(
+            "backend_status_changed", "backend_status_changed_failed", self, backend, event, reason
+        )
 
     async def stop_tasks(self) -> None:
         for task in list(self.tasks):

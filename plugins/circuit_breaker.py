@@ -5,7 +5,10 @@ A circuit opens after ``consecutive_failures`` failures in a row, or when at lea
 seen). While open, the backend gets no traffic; after ``cooldown`` seconds one
 trial request is let through (half-open): success closes the circuit, failure
 opens it again. A 429 is not a failure: the backend is skipped for its
-Retry-After (or ``cooldown``) instead.
+Retry-After (or ``cooldown``) instead. A client that hangs up proves nothing either way.
+
+Circuits are per backend and endpoint: a chat-only server failing every embeddings
+request keeps serving chat.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from gateway.logs import get_logger
 from gateway.validate import positive, share
 
 if TYPE_CHECKING:
-    from gateway.call import Call
+    from gateway.call import Attempt, Call
     from gateway.registry import Backend
 
 CLOSED, OPEN, HALF_OPEN = "closed", "open", "half_open"
@@ -53,12 +56,12 @@ class Circuit:
 class Plugin:
     def __init__(self, options: Options | None = None) -> None:
         self.options = options or Options()
-        self.circuits: dict[str, Circuit] = {}
+        self.circuits: dict[tuple[str, str], Circuit] = {}  # (backend id, endpoint) -> its circuit
 
-    def _circuit(self, backend: Backend) -> Circuit:
-        circuit = self.circuits.get(backend.id)
+    def _circuit(self, backend: Backend, endpoint: str) -> Circuit:
+        circuit = self.circuits.get((backend.id, endpoint))
         if circuit is None:
-            circuit = self.circuits[backend.id] = Circuit(deque(maxlen=self.options.window))
+            circuit = self.circuits[backend.id, endpoint] = Circuit(deque(maxlen=self.options.window))
         return circuit
 
     @hookimpl
@@ -68,7 +71,7 @@ class Plugin:
         now = time.monotonic()
         kept = []
         for backend in candidates:
-            circuit = self.circuits.get(backend.id)
+            circuit = self.circuits.get((backend.id, call.endpoint))
             if circuit is None or self._admits(circuit, backend, call, now):
                 kept.append(backend)
         return kept
@@ -83,7 +86,7 @@ class Plugin:
             free = circuit.state == HALF_OPEN and circuit.trial is None
             return (circuit.state == OPEN and cooled) or free or self._refuse(call, backend, f"circuit {circuit.state}")
         if circuit.state == OPEN and cooled:
-            self._move(circuit, backend, HALF_OPEN, "cool-down over: one trial request")
+            self._move(call, circuit, backend, HALF_OPEN, "cool-down over: one trial request")
         if circuit.state == HALF_OPEN and circuit.trial is None:
             circuit.trial = call.request_id
             return True
@@ -98,31 +101,32 @@ class Plugin:
     @hookimpl
     def request_complete(self, call: Call) -> None:
         now = time.monotonic()
-        for failure in call.failures:
-            circuit = self._circuit(failure.backend)
-            if failure.status == 429:
-                circuit.busy_until = now + (failure.retry_after or self.options.cooldown)
-            else:
-                self._record(circuit, failure.backend, False, failure.reason, now)
-        backend = call.backend
-        served = backend is not None and call.error is None and 0 < call.status < 500
-        if backend is not None and served:
-            self._record(self._circuit(backend), backend, True, None, now)
-        for circuit in self.circuits.values():  # a trial the strategy never tried is released
+        for attempt in call.attempts:
+            self._observe(call, attempt, now)
+        for circuit in self.circuits.values():  # a trial the strategy never tried, or whose client left
             if circuit.trial == call.request_id:
                 circuit.trial = None
 
-    def _record(self, circuit: Circuit, backend: Backend, ok: bool, reason: str | None, now: float) -> None:
+    def _observe(self, call: Call, attempt: Attempt, now: float) -> None:
+        circuit = self._circuit(attempt.backend, call.endpoint)
+        if attempt.outcome == "client_gone":
+            return
+        if attempt.status == 429:
+            circuit.busy_until = now + (attempt.retry_after or self.options.cooldown)
+        else:
+            self._record(call, circuit, attempt.backend, not attempt.failed, attempt.reason, now)
+
+    def _record(self, call: Call, circuit: Circuit, backend: Backend, ok: bool, reason: str | None, now: float) -> None:
         circuit.window.append(ok)
         circuit.consecutive = 0 if ok else circuit.consecutive + 1
         if circuit.state == HALF_OPEN:
             circuit.trial = None
             if ok:
                 circuit.window.clear()
-                self._move(circuit, backend, CLOSED, "trial request succeeded")
+                self._move(call, circuit, backend, CLOSED, "trial request succeeded")
             else:
                 circuit.opened_at = now
-                self._move(circuit, backend, OPEN, f"trial request failed: {reason}")
+                self._move(call, circuit, backend, OPEN, f"trial request failed: {reason}")
             return
         if ok or circuit.state != CLOSED:
             return
@@ -137,9 +141,13 @@ class Plugin:
         else:
             return
         circuit.opened_at = now
-        self._move(circuit, backend, OPEN, why)
+        self._move(call, circuit, backend, OPEN, why)
 
-    def _move(self, circuit: Circuit, backend: Backend, state: str, why: str) -> None:
+    def _move(self, call: Call, circuit: Circuit, backend: Backend, state: str, why: str) -> None:
         circuit.state = state
-        backend.notes["circuit"] = {"state": state, "reason": why, "since": time.time()}
-        (log.warning if state == OPEN else log.info)(f"circuit_{state}", backend=backend.name, reason=why)
+        endpoint = call.endpoint
+        backend.notes.setdefault("circuit", {})[endpoint] = {"state": state, "reason": why, "since": time.time()}
+        (log.warning if state == OPEN else log.info)(
+            f"circuit_{state}", backend=backend.name, endpoint=endpoint, reason=why
+        )
+        call.gateway.backend_changed(backend, f"circuit_{state}", f"{endpoint}: {why}")

@@ -52,6 +52,9 @@ class Track:
     next_probe: float = 0.0
 
 
+BUSY = "busy"  # a probe timed out while our own requests show the backend working: not a failure
+
+
 class Plugin:
     def __init__(self, options: Options | None = None) -> None:
         self.options = options or Options()
@@ -59,13 +62,7 @@ class Plugin:
 
     @hookimpl
     def startup(self, gateway: Gateway) -> None:
-        gateway.start_task(self._run(gateway), name="health-probes")
-
-    async def _run(self, gateway: Gateway) -> None:
-        tick = min(self.options.interval, 1.0)
-        while True:
-            await self.probe_due(gateway)
-            await asyncio.sleep(tick)
+        gateway.every(min(self.options.interval, 1.0), lambda: self.probe_due(gateway), name="health")
 
     async def probe_due(self, gateway: Gateway, now: float | None = None) -> None:
         """Probe, concurrently, every backend whose turn has come; each at most once."""
@@ -82,6 +79,9 @@ class Plugin:
     async def _probe(self, gateway: Gateway, backend: Backend, track: Track) -> None:
         status, error = await self._check(gateway, backend)
         options = self.options
+        if status == BUSY:
+            track.next_probe = time.monotonic() + options.interval
+            return
         if status == HEALTHY:
             track.streak = max(track.streak, 0) + 1
             if backend.status != HEALTHY and track.streak >= options.healthy_after:
@@ -102,7 +102,7 @@ class Plugin:
 
     async def _check(self, gateway: Gateway, backend: Backend) -> tuple[str, str | None]:
         path = self.options.path
-        headers = {"Authorization": f"Bearer {backend.api_key}"} if backend.api_key else None
+        headers = backend.auth_headers()
         try:
             timeout = aiohttp.ClientTimeout(total=self.options.timeout)
             async with gateway.http.get(
@@ -110,6 +110,8 @@ class Plugin:
             ) as response:
                 body = await response.read()
         except TimeoutError:
+            if self._busy(backend):
+                return BUSY, None
             return UNHEALTHY, f"GET {path} timed out after {self.options.timeout:g}s"
         except aiohttp.ClientError as exc:
             return UNHEALTHY, f"GET {path} failed: {type(exc).__name__}"
@@ -120,6 +122,12 @@ class Plugin:
             if missing:
                 return MISMATCHED, f"registered for {', '.join(missing)}, which GET /v1/models does not list"
         return HEALTHY, None
+
+    def _busy(self, backend: Backend) -> bool:
+        """Whether our own traffic shows the backend working: bytes lately, or requests on it that it was
+        serving a little before. A server that works on one request at a time answers no probe meanwhile."""
+        quiet = time.monotonic() - backend.active_at
+        return quiet < self.options.interval + self.options.timeout or (backend.in_flight > 0 and quiet < 120)
 
     async def _transition(self, gateway: Gateway, backend: Backend, status: str, error: str | None) -> None:
         previous = backend.status

@@ -62,19 +62,24 @@ class LeastLatency(ScoredStrategy):
         return ordered
 
     def observe(self, call: Call) -> None:
-        for failure in call.failures:
-            table = self._table(call)
-            table[failure.backend.id] = max(table.get(failure.backend.id, 0.0), self.options.failure_penalty)
-        backend = call.backend
-        if backend is None or call.error or call.status >= 400 or call.client_disconnected:
-            return
-        sample = call.time_to_first_byte if call.stream else call.latency / max(call.bytes_out / 1024, 0.1)
-        if sample is None:
-            return
+        """Learn from each attempt on its own: a backend is timed from when it was tried, not from the call's start."""
         table = self._table(call)
-        previous = table.get(backend.id)
-        alpha = self.options.alpha
-        table[backend.id] = sample if previous is None else alpha * sample + (1 - alpha) * previous
+        for attempt in call.attempts:
+            backend = attempt.backend
+            if attempt.failed:
+                table[backend.id] = max(table.get(backend.id, 0.0), self.options.failure_penalty)
+                continue
+            if attempt.outcome != "ok" or attempt.status is None or attempt.status >= 400 or attempt.ended is None:
+                continue
+            if call.stream:
+                sample = attempt.time_to_first_byte
+            else:
+                sample = (attempt.ended - attempt.started) / max(call.bytes_out / 1024, 0.1)
+            if sample is None:
+                continue
+            previous = table.get(backend.id)
+            alpha = self.options.alpha
+            table[backend.id] = sample if previous is None else alpha * sample + (1 - alpha) * previous
 
 
 class Plugin:

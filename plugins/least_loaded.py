@@ -62,13 +62,11 @@ class LeastLoaded(ScoredStrategy):
         return [pick, *rest]
 
     async def poll(self, gateway: Gateway) -> None:
-        while True:
-            backends = list(gateway.registry.backends.values())
-            await asyncio.gather(*(self._read_metrics(gateway, b) for b in backends))
-            await asyncio.sleep(self.options.metrics_interval)
+        backends = list(gateway.registry.backends.values())
+        await asyncio.gather(*(self._read_metrics(gateway, b) for b in backends))
 
     async def _read_metrics(self, gateway: Gateway, backend: Backend) -> None:
-        headers = {"Authorization": f"Bearer {backend.api_key}"} if backend.api_key else None
+        headers = backend.auth_headers()
         try:
             timeout = aiohttp.ClientTimeout(total=min(self.options.metrics_interval, 5))
             async with gateway.http.get(backend.url + "/metrics", timeout=timeout, headers=headers) as response:
@@ -94,4 +92,4 @@ class Plugin:
     @hookimpl
     def startup(self, gateway: Gateway) -> None:
         if self.strategy.options.metrics:
-            gateway.start_task(self.strategy.poll(gateway), name="least-loaded-metrics")
+            gateway.every(self.strategy.options.metrics_interval, lambda: self.strategy.poll(gateway), "least_loaded")

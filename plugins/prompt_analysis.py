@@ -13,6 +13,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from gateway.call import prompt_text
+
 TASK_TYPES = ("code", "math", "reasoning", "creative", "translation", "summarization", "qa", "chat")
 COMPLEXITIES = ("simple", "moderate", "complex")
 _WINDOW = 1000
@@ -160,19 +162,8 @@ class Analysis:
         }
 
 
-def prompt_of(body: dict[str, Any]) -> str:
-    """The text to analyse: the last user message of a chat, or a completion's prompt."""
-    messages = body.get("messages")
-    if isinstance(messages, list):
-        for message in reversed(messages):
-            if isinstance(message, dict) and message.get("role") == "user":
-                content = message.get("content")
-                if isinstance(content, list):  # multi-part content: its text parts
-                    return " ".join(str(p.get("text", "")) for p in content if isinstance(p, dict))
-                return str(content or "")
-        return ""
-    prompt = body.get("prompt", "")
-    return prompt if isinstance(prompt, str) else " ".join(map(str, prompt)) if isinstance(prompt, list) else ""
+prompt_of = prompt_text
+"""The text to analyse (kept under its old name)."""
 
 
 def analyse(text: str) -> Analysis:

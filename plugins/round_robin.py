@@ -23,7 +23,8 @@ class RoundRobin:
         if count < 2:
             return candidates
         turn = self._turn.get(call.model, 0)
-        self._turn[call.model] = (turn + 1) % count
+        if not call.dry_run:  # explain looks, it does not take a turn
+            self._turn[call.model] = (turn + 1) % count
         start = turn % count
         return [*candidates[start:], *candidates[:start]]
 

@@ -24,7 +24,7 @@ from gateway import hookimpl
 from gateway.errors import GatewayError
 from gateway.scoring import ScoredStrategy
 from gateway.validate import share
-from plugins.prompt_analysis import analyse, prompt_of
+from plugins.prompt_analysis import analyse
 
 if TYPE_CHECKING:
     from gateway.call import Call
@@ -56,11 +56,6 @@ class Options:
 class Plugin:
     def __init__(self, options: Options | None = None) -> None:
         self.options = options or Options()
-        self.gateway: Gateway | None = None
-
-    @hookimpl
-    def startup(self, gateway: Gateway) -> None:
-        self.gateway = gateway
 
     @hookimpl
     def register_strategies(self) -> dict[str, ScoredStrategy]:
@@ -70,7 +65,7 @@ class Plugin:
     def before_request(self, call: Call) -> None:
         if call.endpoint not in ANALYSED:
             return
-        analysis = analyse(prompt_of(call.json))
+        analysis = analyse(call.prompt)
         call.tags["task_type"] = analysis.task_type
         call.tags["complexity"] = analysis.complexity
         if call.dry_run:
@@ -78,7 +73,7 @@ class Plugin:
         prefer, wants_auto = self._mode(call)
         if prefer is None and not wants_auto:
             return
-        ranking = self.rank(analysis.task_type, analysis.complexity) if wants_auto else []
+        ranking = self.rank(call.gateway, analysis.task_type, analysis.complexity) if wants_auto else []
         if call.dry_run:
             call.explain["model_ranking"] = ranking
         ranked = [r["model"] for r in ranking if r["eligible"]]
@@ -108,13 +103,12 @@ class Plugin:
             return call.model[len(auto) + 1 :], True
         return None, False
 
-    def rank(self, task: str, complexity: str) -> list[dict[str, Any]]:
+    def rank(self, gateway: Gateway, task: str, complexity: str) -> list[dict[str, Any]]:
         """Every model with a routable backend, best first, with how its score was made."""
-        assert self.gateway is not None, "task_aware ranks models once the gateway has started"
         options = self.options
         rows = []
-        for model in self.gateway.registry.models():
-            profile = self._profile(model)
+        for model in gateway.registry.models():
+            profile = self._profile(gateway, model)
             capability = float(profile.get("capabilities", {}).get(task, options.default_capability))
             fit = TIER_FIT[complexity].get(profile.get("tier") or "", 0.0) * options.tier_weight
             cost = profile.get("cost_per_1k_prompt_tokens", 0.0) + profile.get("cost_per_1k_completion_tokens", 0.0)
@@ -125,12 +119,11 @@ class Plugin:
             })  # fmt: skip
         return sorted(rows, key=lambda r: (-r["score"], r["model"]))
 
-    def _profile(self, model: str) -> dict[str, Any]:
-        assert self.gateway is not None
-        declared = self.gateway.config.models.get(model)
+    def _profile(self, gateway: Gateway, model: str) -> dict[str, Any]:
+        declared = gateway.config.models.get(model)
         if declared is not None:  # the instructor's word wins over a registration's
             return dataclasses.asdict(declared)
-        for backend in self.gateway.registry.for_model(model):
+        for backend in gateway.registry.for_model(model):
             if backend.profile:
                 return backend.profile
         return {}

@@ -23,7 +23,7 @@ class Weighted:
     def __call__(self, candidates: Sequence[Backend], call: Call) -> Sequence[Backend]:
         if len(candidates) < 2:
             return candidates
-        current = self._current
+        current = dict(self._current) if call.dry_run else self._current  # explain changes nothing
         total = 0.0
         for backend in candidates:
             current[backend.id] = current.get(backend.id, 0.0) + backend.weight

@@ -23,7 +23,7 @@ async def _send(gateway: Any, n: int = 1) -> list[tuple[int, str | None]]:
 
 
 def _circuit(gateway: Any, name: str) -> dict[str, Any]:
-    return gateway.state.registry.backends[f"config:{name}"].notes.get("circuit", {})
+    return gateway.state.registry.backends[f"config:{name}"].notes.get("circuit", {}).get("chat/completions", {})
 
 
 async def test_failures_in_a_row_open_the_circuit_and_a_trial_closes_it(
@@ -38,7 +38,7 @@ async def test_failures_in_a_row_open_the_circuit_and_a_trial_closes_it(
     assert "2 failures in a row, last: HTTP 500" in _circuit(gateway, "b0")["reason"]
     async with aiohttp.ClientSession() as session, session.get(gateway.url + "/admin/servers", headers=ADMIN) as r:
         shown = {s["name"]: s["notes"] for s in (await r.json())["servers"]}
-    assert shown["b0"]["circuit"]["state"] == "open" and shown["b1"] == {}
+    assert shown["b0"]["circuit"]["chat/completions"]["state"] == "open" and shown["b1"] == {}
 
     flaky.mode = "ok"  # it recovers; after the cool-down one trial request goes to it
     await asyncio.sleep(0.35)

@@ -120,5 +120,7 @@ def test_plugins_command_lists_plugins_as_json() -> None:
         "source": "built-in",
         "enabled": True,
         "hooks": ["register_strategies"],
+        "strategies": ["round_robin"],
+        "options": None,
     }
     assert listed["health"]["enabled"] and listed["health"]["hooks"] == ["startup"]

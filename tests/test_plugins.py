@@ -178,10 +178,14 @@ OBSERVER = """
     @hookimpl
     async def before_request(call):
         await asyncio.sleep(0)
-        if call.json.get("user") == "cached":
-            return web.json_response({"from": "plugin"})
         if call.json.get("user") == "rename":
             call.replace_json({**call.json, "model": "echo", "user": "renamed"})
+
+    @hookimpl
+    async def answer_request(call):
+        await asyncio.sleep(0)
+        if call.json.get("user") == "cached":
+            return web.json_response({"from": "plugin"})
         return None
 
     @hookimpl
@@ -193,7 +197,7 @@ OBSERVER = """
     @hookimpl
     async def request_complete(call):
         await asyncio.sleep(0)
-        seen.append((call.status, call.backend.name if call.backend else None, call.attempts, call.error))
+        seen.append((call.status, call.backend.name if call.backend else None, len(call.attempts), call.error))
 
     @hookimpl
     def request_complete(call):

@@ -126,7 +126,10 @@ async def test_redirects_from_a_backend_are_not_followed(aiohttp_server: Any, st
     async with aiohttp.ClientSession() as session:
         chat = gateway.base_url + "/chat/completions"
         async with session.post(chat, json={"model": "m"}, allow_redirects=False) as response:
-            assert response.status == 302
+            # a redirect is a failed attempt: never passed on, so no SDK re-sends the prompt elsewhere
+            assert response.status == 502 and "Location" not in response.headers
+            message = (await response.json())["error"]["message"]
+            assert "redirect (HTTP 302)" in message and url not in message
     assert followed == []
 
 

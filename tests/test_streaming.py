@@ -133,14 +133,21 @@ async def test_resume_streams_gives_the_error_event_when_no_one_can_continue(
 
 
 def test_partial_events_are_held_back_until_whole() -> None:
+    from gateway.pump import _split_events
+
+    event = b'data: {"choices": [{"text": " upon", "index": 0}]}\r\n\r\n'
+    assert _split_events(event[:10]) == (b"", event[:10])
+    rest = b'data: {"choices": [{"text": " a ti'
+    assert _split_events(event + rest) == (event, rest)
+    assert _split_events(b"data: 1\n\ndata: 2\n\n") == (b"data: 1\n\ndata: 2\n\n", b"")
+
+
+def test_the_continuation_asks_to_go_on_from_the_text_so_far() -> None:
+    from gateway.call import Call
     from gateway.resume import Continuation
 
-    class FakeCall:
-        endpoint, json = "completions", {"model": "m", "prompt": "Once", "stream": True}
-
-    resume = Continuation(FakeCall())  # type: ignore[arg-type]
-    event = b'data: {"choices": [{"text": " upon", "index": 0}]}\r\n\r\n'
-    assert resume.feed(event[:10]) == b""
-    assert resume.feed(event[10:] + b'data: {"choices": [{"text": " a ti') == event
-    resume.drop_partial()
+    call = Call(None, None, "r", "completions", b"", {"model": "m", "prompt": "Once", "stream": True})  # type: ignore[arg-type]
+    resume = Continuation(call)
+    assert call.listeners == [resume.feed]
+    resume.feed(b'data: {"choices": [{"text": " upon", "index": 0}]}\r\n\r\n')
     assert json.loads(resume.body()) == {"model": "m", "prompt": "Once upon", "stream": True}

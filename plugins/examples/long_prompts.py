@@ -18,20 +18,12 @@ class Options:
     min_chars: int = 2000  # a prompt at least this long counts as long
 
 
-def prompt_length(body: dict) -> int:  # type: ignore[type-arg]
-    """Characters of text in a chat's messages, or in a completion's prompt."""
-    messages = body.get("messages") or []
-    return sum(len(str(m.get("content", ""))) for m in messages if isinstance(m, dict)) + len(
-        str(body.get("prompt", ""))
-    )
-
-
 class Plugin:
     def __init__(self, options: Options) -> None:
         self.options = options
 
     def order(self, candidates, call):  # type: ignore[no-untyped-def]
-        is_long = prompt_length(call.json) >= self.options.min_chars
+        is_long = len(call.prompt) >= self.options.min_chars  # the last user message
         big = [b for b in candidates if b.name == self.options.backend]
         rest = [b for b in candidates if b.name != self.options.backend]
         return big + rest if is_long else rest + big  # the big one stays a fallback either way

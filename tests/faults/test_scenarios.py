@@ -26,7 +26,7 @@ async def test_one_of_three_killed_under_load_loses_nothing(lab: Any) -> None:
     FIGURES["passive detection: failed tries before the killed backend's circuit opened"] = str(
         killed["requests_failed"]
     )
-    assert killed["notes"]["circuit"]["state"] in ("open", "half_open")
+    assert killed["notes"]["circuit"]["chat/completions"]["state"] in ("open", "half_open")
 
 
 async def test_all_killed_every_request_fails_fast_naming_the_model(lab: Any) -> None:
@@ -62,7 +62,7 @@ async def test_paused_mid_stream_the_stall_timeout_ends_it(lab: Any) -> None:
     backend.signal(signal.SIGCONT)
     assert error is not None and b"stalled" in received[-1]
     assert elapsed < 1 + 1.5  # stall_timeout plus slack
-    circuit = (await gateway.servers())["b0"]["notes"]["circuit"]
+    circuit = (await gateway.servers())["b0"]["notes"]["circuit"]["chat/completions"]
     assert circuit["state"] == "open" and "stalled" in circuit["reason"]
     record("3. backend paused (SIGSTOP) mid-stream", Outcome([502], [elapsed], ["stream ended with an error event"]))
 

@@ -1,0 +1,160 @@
+"""A request's path through the gateway, from its headers to the observers after the answer.
+
+authenticate → read the body → ``before_request`` (all) → ``answer_request`` (first wins)
+→ relay → the answer is sent, once → the request line → ``request_complete``.
+Whatever happens, the client gets exactly one response: once one is prepared, an error
+can only end its stream with an error event.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from aiohttp import web
+
+from gateway import relay
+from gateway.call import Call, parse_body, request_id_of, shown
+from gateway.errors import GatewayError
+from gateway.pump import ChunkSource, replay, sse_error
+from gateway.state import GATEWAY, Gateway
+from gateway.upstream import CLIENT_GONE, call_headers
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def proxy(endpoint: str) -> Handler:
+    """The handler of one relayed endpoint, e.g. ``chat/completions``."""
+
+    async def handle(request: web.Request) -> web.StreamResponse:
+        gateway = request.app[GATEWAY]
+        request_id = request_id_of(request)
+        try:
+            identity = await authenticate(gateway, request)
+            body = await request.read()
+            data = parse_body(body)
+        except GatewayError as exc:
+            call = Call(gateway, request, request_id, endpoint, b"", {})
+            call.status, call.error = exc.status, exc.message
+            response = exc.to_response({"X-Request-ID": request_id})
+            await _finish(gateway, call, response)
+            return response
+        call = Call(gateway, request, request_id, endpoint, body, data)
+        call.identity = identity
+        return await serve(gateway, call)
+
+    return handle
+
+
+async def authenticate(gateway: Gateway, request: web.Request) -> Any:
+    """The caller's identity from the ``authenticate`` hook; None (anonymous) when no plugin knows."""
+    if not gateway.plugins.authenticate:
+        return None
+    answered = await gateway.plugins.call_first(gateway.plugins.authenticate, request, gateway)
+    return answered[1] if answered else None
+
+
+async def serve(gateway: Gateway, call: Call) -> web.StreamResponse:
+    """Answer a parsed call: plugins first, then a backend; then observers."""
+    plugins = gateway.plugins
+    gateway.requests_total += 1
+    response: web.StreamResponse | None = None
+    try:
+        if plugins.before_request:
+            await plugins.call_refusable(plugins.before_request, "before_request_failed", call)
+        answered = await plugins.call_first(plugins.answer_request, call) if plugins.answer_request else None
+        if answered is None:
+            response = await relay.relay(gateway, call)
+        elif isinstance(answered[1], ChunkSource):
+            call.tags.setdefault("answered_by", answered[0])
+            response = await replay(call, answered[1], call_headers(call))
+        else:
+            call.tags.setdefault("answered_by", answered[0])
+            response = answered[1]
+    except GatewayError as exc:
+        call.error = exc.message
+        response = _error(call, exc)
+    except asyncio.CancelledError:
+        call.client_disconnected = True
+        gateway.start_task(_finish(gateway, call, None), name=f"request-complete-{call.request_id}")
+        raise
+    except CLIENT_GONE:
+        call.client_disconnected = True
+    except Exception as exc:
+        call.error = f"{type(exc).__name__}: {shown(str(exc), 200)}"
+        gateway.log.exception("request_crashed", request_id=call.request_id)
+        response = await _after_crash(call)
+    if response is not None and not response.prepared:
+        response = await _send(call, response)
+    await _finish(gateway, call, response)
+    return response if response is not None else web.Response(status=499)
+
+
+def _error(call: Call, exc: GatewayError) -> web.Response:
+    headers = {"X-Request-ID": call.request_id, "X-Multiverse-Attempts": str(len(call.attempts))}
+    return exc.to_response(headers)
+
+
+async def _after_crash(call: Call) -> web.StreamResponse | None:
+    """After a bug: a 500 in the envelope if nothing was sent yet, else an error event ends the stream."""
+    message = f"the gateway failed unexpectedly; see its log for request {call.request_id}"
+    response = call.response
+    if response is None or not response.prepared:
+        return GatewayError(500, message).to_response({"X-Request-ID": call.request_id})
+    try:
+        await response.write(sse_error(message, "gateway_error"))
+        await response.write_eof()
+    except (*CLIENT_GONE, RuntimeError):
+        call.client_disconnected = True
+    return response
+
+
+async def _send(call: Call, response: web.StreamResponse) -> web.StreamResponse | None:
+    """Write an unsent response now, so that observers run after the client has it."""
+    if "X-Request-ID" not in response.headers:
+        response.headers["X-Request-ID"] = call.request_id
+    try:
+        await response.prepare(call.request)
+        await response.write_eof()
+    except CLIENT_GONE:
+        call.client_disconnected = True
+    return response
+
+
+async def _finish(gateway: Gateway, call: Call, response: web.StreamResponse | None) -> None:
+    """Record what the client got, log the request line, then tell the observers."""
+    if response is not None and not call.client_disconnected:
+        call.status = response.status
+    elif call.client_disconnected:
+        call.status = call.status or 499
+    failed = call.status >= 500 or call.error is not None
+    if failed:
+        gateway.requests_failed += 1
+    _log_line(gateway, call, failed)
+    if gateway.plugins.request_complete:
+        await gateway.plugins.call_logged(gateway.plugins.request_complete, "request_complete_failed", call)
+
+
+def _log_line(gateway: Gateway, call: Call, failed: bool) -> None:
+    outcome: dict[str, object] = {"error": call.error} if call.error else {}
+    if call.client_disconnected:
+        outcome["client_disconnected"] = True
+    if call.model != call.requested_model:
+        outcome["served_model"] = call.model
+    if call.usage:
+        outcome["usage"] = call.usage
+    core = {
+        "request_id": call.request_id,
+        "endpoint": call.endpoint,
+        "model": shown(call.requested_model),
+        "stream": call.stream,
+        "backend": call.backend.name if call.backend else None,
+        "status": call.status,
+        "attempts": len(call.attempts),
+        "latency_ms": round(call.latency * 1000, 2),
+    }
+    if call.upstream_id != call.request_id:
+        core["backend_request_id"] = call.upstream_id
+    # a plugin's tag never hides a core field
+    (gateway.log.warning if failed else gateway.log.info)("request", **{**call.tags, **core, **outcome})

@@ -1,0 +1,157 @@
+"""The chunk pump: the one place a streamed answer is written to the client.
+
+A live backend's stream and a plugin's replayed stream (``ChunkSource``, e.g. a cache
+hit) go through the same writes, so headers, counts, ``usage`` and chunk listeners
+behave the same for both. Listeners cost nothing when none is attached.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import aiohttp
+from aiohttp import web
+
+from gateway.logs import get_logger
+from gateway.upstream import describe
+
+if TYPE_CHECKING:
+    from gateway.call import Call
+
+log = get_logger("gateway.pump")
+_USAGE_MARK = b'"prompt_tokens"'
+_EVENT_END = b"\n\n"
+
+
+@dataclass
+class ChunkSource:
+    """An answer a plugin replays as a stream, chunk for chunk (``answer_request`` may return one)."""
+
+    chunks: Iterable[bytes] | AsyncIterable[bytes]
+    status: int = 200
+    headers: Mapping[str, str] = field(default_factory=lambda: {"Content-Type": "text/event-stream"})
+
+
+async def write(response: web.StreamResponse, call: Call, chunk: bytes) -> None:
+    """Send one chunk to the client and let the call's listeners see it."""
+    await response.write(chunk)
+    call.bytes_out += len(chunk)
+    call.chunks += 1
+    if _USAGE_MARK in chunk:
+        call.usage = stream_usage(chunk) or call.usage
+    if call.listeners:
+        _tell(call, chunk)
+
+
+def _tell(call: Call, chunk: bytes) -> None:
+    assert call.listeners is not None
+    for listener in list(call.listeners):
+        try:
+            listener(chunk)
+        except Exception:
+            call.listeners.remove(listener)
+            name = f"{getattr(listener, '__module__', '?')}.{getattr(listener, '__qualname__', listener)}"
+            log.exception("chunk_listener_failed", request_id=call.request_id, listener=name)
+
+
+async def pump(
+    response: web.StreamResponse,
+    call: Call,
+    content: aiohttp.StreamReader,
+    chunk: bytes,
+    stall: float,
+    whole_events: bool,
+) -> str | None:
+    """Copy one backend's stream to the client; return why it broke, or None at its end.
+
+    With ``whole_events`` only complete SSE events are passed on (a resumed stream must
+    never carry half an event from the backend that died); the rest waits for its end.
+    """
+    loop = asyncio.get_running_loop()
+    backend = call.backend
+    pending = b""
+    try:
+        async with asyncio.timeout(None) as stall_guard:
+            while chunk:
+                if whole_events:
+                    chunk, pending = _split_events(pending + chunk)
+                if chunk:
+                    await write(response, call, chunk)
+                now = loop.time()
+                if backend is not None:
+                    backend.active_at = now
+                stall_guard.reschedule(now + stall)
+                try:
+                    chunk = await content.readany()
+                except aiohttp.ClientError as exc:
+                    return describe(exc)
+                stall_guard.reschedule(None)
+    except TimeoutError:
+        return f"stalled: no chunk for {stall:g}s (routing.stall_timeout)"
+    if pending:
+        await write(response, call, pending)
+    return None
+
+
+def _split_events(data: bytes) -> tuple[bytes, bytes]:
+    """(whole events, the unfinished rest)."""
+    if data.endswith(_EVENT_END):
+        return data, b""
+    cut = max(data.rfind(_EVENT_END), data.rfind(b"\r\n\r\n"))
+    if cut < 0:
+        return b"", data
+    end = cut + (2 if data[cut : cut + 2] == _EVENT_END else 4)
+    return data[:end], data[end:]
+
+
+async def replay(call: Call, source: ChunkSource, headers: Mapping[str, str]) -> web.StreamResponse:
+    """Send a plugin's ``ChunkSource`` to the client through the same writes as a live stream."""
+    response = web.StreamResponse(status=source.status, headers={**source.headers, **headers})
+    call.status = source.status
+    await response.prepare(call.request)
+    call.first_byte_at = call.first_byte_at or time.perf_counter()
+    if isinstance(source.chunks, AsyncIterable):
+        async for chunk in source.chunks:
+            await write(response, call, chunk)
+    else:
+        for chunk in source.chunks:
+            await write(response, call, chunk)
+    await response.write_eof()
+    return response
+
+
+def sse_error(message: str, code: str = "backend_failed") -> bytes:
+    """An error event in OpenAI's envelope: how a stream that already started says it failed."""
+    payload = {"error": {"message": message, "type": "server_error", "param": None, "code": code}}
+    return b"event: error\ndata: " + json.dumps(payload).encode() + b"\n\n"
+
+
+def body_usage(body: bytes) -> dict[str, Any] | None:
+    """The ``usage`` object of a JSON answer, read without parsing the rest (it may be megabytes)."""
+    at = body.rfind(b'"usage"')
+    if at < 0:
+        return None
+    start = body.find(b"{", at, at + 32)
+    if start < 0:
+        return None
+    return _object_at(body[start : start + 4096])
+
+
+def stream_usage(chunk: bytes) -> dict[str, Any] | None:
+    """The ``usage`` in a stream chunk (OpenAI sends it in the last event before ``[DONE]``)."""
+    return body_usage(chunk)
+
+
+def _object_at(data: bytes) -> dict[str, Any] | None:
+    try:
+        value, _ = json.JSONDecoder().raw_decode(data.decode("utf-8", "replace"))
+    except ValueError:
+        return None
+    if isinstance(value, dict) and all(isinstance(v, int | float | dict | None) for v in value.values()):
+        return value
+    return None
