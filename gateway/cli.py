@@ -34,7 +34,7 @@ def _fail(exc: ConfigError, path: str | None) -> int:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from gateway import logs
-    from gateway.app import serve
+    from gateway.server import serve
 
     try:
         config = _load(args.config)
@@ -47,10 +47,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         config = dataclasses.replace(config, server=server)
         object.__setattr__(config, "base_dir", base_dir)
         logs.configure(config.logging.level, config.logging.format)
-        serve(config)
+        return serve(config)
     except ConfigError as exc:
         return _fail(exc, args.config)
-    return 0
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
