@@ -130,7 +130,7 @@ def cmd_import(args: argparse.Namespace) -> int:
     except (OSError, ValueError) as exc:
         print(f"import failed: {exc}", file=sys.stderr)
         return 1
-    print(f"imported: {added} added, {updated} updated (a running gateway sees them after a restart)")
+    print(f"imported: {added} added, {updated} updated (a running gateway picks them up within a second)")
     return 0
 
 
