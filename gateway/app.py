@@ -127,26 +127,3 @@ def _plugin_routes(app: web.Application, gateway: Gateway) -> None:
             if isinstance(route, web.RouteDef) and (route.method, route.path) in taken:
                 raise ConfigError([f"plugins.{plugin}: {route.method} {route.path} is already served by the gateway"])
         app.router.add_routes(routes)
-
-
-def serve(config: GatewayConfig) -> None:
-    """Run the gateway until interrupted. A client that hangs up cancels its upstream request."""
-    app = create_app(config)
-    gateway = app[GATEWAY]
-    shown_host = "127.0.0.1" if config.server.host in ("0.0.0.0", "::") else config.server.host
-    gateway.log.info(
-        "gateway_starting",
-        listen=f"{config.server.host}:{config.server.port}",
-        openai_base_url=f"http://{shown_host}:{config.server.port}/v1",
-        strategy=config.routing.strategy,
-        plugins=sorted(gateway.plugins.sources),
-        database=str(config.database_path),
-    )
-    web.run_app(
-        app,
-        host=config.server.host,
-        port=config.server.port,
-        handler_cancellation=True,
-        access_log=None,
-        print=lambda *_: None,
-    )

@@ -35,7 +35,7 @@ def _fail(exc: ConfigError, path: str | None) -> int:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from gateway import logs
-    from gateway.app import serve
+    from gateway.server import serve
 
     try:
         config = _load(args.config)
@@ -48,10 +48,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         config = dataclasses.replace(config, server=server)
         object.__setattr__(config, "base_dir", base_dir)
         logs.configure(config.logging.level, config.logging.format)
-        serve(config)
+        return serve(config)
     except ConfigError as exc:
         return _fail(exc, args.config)
-    return 0
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
@@ -132,7 +131,7 @@ def cmd_import(args: argparse.Namespace) -> int:
     except (OSError, ValueError) as exc:
         print(f"import failed: {exc}", file=sys.stderr)
         return 1
-    print(f"imported: {added} added, {updated} updated (a running gateway sees them after a restart)")
+    print(f"imported: {added} added, {updated} updated (a running gateway picks them up within a second)")
     return 0
 
 

@@ -53,6 +53,17 @@ class ServerConfig:
         default=8 * 1024 * 1024,
         metadata={"doc": "largest request body accepted (413 beyond)", "check": positive},
     )
+    shutdown_timeout: float = field(
+        default=30.0,
+        metadata={"doc": "seconds requests in flight may take to finish after SIGTERM or Ctrl-C", "check": positive},
+    )
+    keepalive_timeout: float = field(
+        default=30.0, metadata={"doc": "seconds an idle keep-alive connection stays open", "check": positive}
+    )
+    header_timeout: float = field(
+        default=10.0,
+        metadata={"doc": "seconds a client may take to send a request's headers (408 beyond)", "check": positive},
+    )
 
 
 @dataclass(frozen=True)

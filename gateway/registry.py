@@ -7,6 +7,7 @@ registration survives a crash of the process.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 import uuid
@@ -18,11 +19,15 @@ from typing import Any
 import aiosqlite
 
 from gateway.config import BackendConfig
+from gateway.logs import get_logger
 
 UNKNOWN, HEALTHY, UNHEALTHY, MISMATCHED = "unknown", "healthy", "unhealthy", "mismatched"
 STATUSES = (HEALTHY, UNHEALTHY, UNKNOWN, MISMATCHED)
 ROUTABLE = frozenset({UNKNOWN, HEALTHY})
 """Statuses a request may be routed to; an unprobed backend is given the benefit of the doubt."""
+
+RELOAD_INTERVAL = 0.5
+"""Seconds between checks whether another process (a second gateway, an import) changed the database."""
 
 SCHEMA_VERSION = 2
 _SCHEMA = """
@@ -150,6 +155,8 @@ class Registry:
         self._by_model: dict[str, tuple[Backend, ...]] = {}
         self.on_change: Callable[[Backend, str, str | None], None] | None = None
         """Told of every registration, update, removal and status change (the gateway's event hook)."""
+        self._watcher: asyncio.Task[None] | None = None
+        self._data_version = 0
 
     def _changed(self, backend: Backend, event: str, reason: str | None = None) -> None:
         if self.on_change is not None:
@@ -200,8 +207,14 @@ class Registry:
                 )  # fmt: skip
                 self.backends[backend.id] = backend
         self._reindex()
+        self._data_version = await self._read_data_version()
+        self._watcher = asyncio.create_task(self._watch(), name="registry_watch")
 
     async def close(self) -> None:
+        if self._watcher is not None:
+            self._watcher.cancel()
+            await asyncio.gather(self._watcher, return_exceptions=True)
+            self._watcher = None
         if self._db is not None:
             await self._db.close()
             self._db = None
@@ -245,6 +258,53 @@ class Registry:
                 for model in backend.models:
                     index.setdefault(model, []).append(backend)
         self._by_model = {model: tuple(backends) for model, backends in index.items()}
+
+    # -- other processes' writes ------------------------------------------------
+
+    async def _read_data_version(self) -> int:
+        async with self.db.execute("PRAGMA data_version") as cursor:
+            row = await cursor.fetchone()
+        return int(row[0]) if row is not None else 0
+
+    async def _watch(self) -> None:
+        """Reload the registrations whenever another connection committed a change (SQLite's data_version)."""
+        while True:
+            await asyncio.sleep(RELOAD_INTERVAL)
+            try:
+                version = await self._read_data_version()
+                if version != self._data_version:
+                    self._data_version = version
+                    await self.reload()
+            except Exception:
+                get_logger("gateway").exception("registry_reload_failed", database=str(self.db_path))
+
+    async def reload(self) -> None:
+        """Take the registrations from the database, keeping the runtime state of backends that are unchanged.
+
+        A backend whose URL is the same keeps its counters, notes and health; one that is new or
+        moved takes the status last written to the database; one that is gone is dropped.
+        """
+        async with self.db.execute("SELECT * FROM backends ORDER BY created_at") as cursor:
+            rows = await cursor.fetchall()
+        # From here to the end nothing awaits, so no write of ours can interleave.
+        fresh: dict[str, Backend] = {k: b for k, b in self.backends.items() if b.source == "config"}
+        for row in rows:
+            known = self.backends.get(row["id"])
+            fields = {name: _column(name, row[name]) for name in EDITABLE[3:]}
+            if known is not None and known.url == row["url"]:
+                known.name, known.models = row["name"], tuple(json.loads(row["models"]))
+                for name, value in fields.items():
+                    setattr(known, name, value)
+                fresh[known.id] = known
+                continue
+            fresh[row["id"]] = Backend(
+                row["id"], row["name"], row["url"], tuple(json.loads(row["models"])), "api",
+                status=row["status"] if known is None else UNKNOWN, last_error=row["last_error"],
+                status_since=row["status_since"] or time.time(), created_at=row["created_at"], **fields,
+            )  # fmt: skip
+        self.backends.clear()
+        self.backends.update(fresh)
+        self._reindex()
 
     # -- writes: SQLite first, then memory -------------------------------------
 
