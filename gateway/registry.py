@@ -18,6 +18,8 @@ from typing import Any
 import aiosqlite
 
 from gateway.config import BackendConfig
+from gateway.logs import get_logger
+from gateway.private_files import create_private, sqlite_files, tighten
 
 UNKNOWN, HEALTHY, UNHEALTHY, MISMATCHED = "unknown", "healthy", "unhealthy", "mismatched"
 STATUSES = (HEALTHY, UNHEALTHY, UNKNOWN, MISMATCHED)
@@ -131,8 +133,9 @@ class Backend:
 class Registry:
     """All backends, indexed by model for the request path."""
 
-    def __init__(self, db_path: Path, static: Iterable[BackendConfig] = ()) -> None:
+    def __init__(self, db_path: Path, static: Iterable[BackendConfig] = (), log: Any = None) -> None:
         self.db_path = db_path
+        self.log = log if log is not None else get_logger("gateway.registry")
         self._db: aiosqlite.Connection | None = None
         self.backends: dict[str, Backend] = {}
         for conf in static:
@@ -145,9 +148,11 @@ class Registry:
 
     async def open(self) -> None:
         self.db_path.parent.mkdir(parents=True, exist_ok=True)
+        self._keep_files_private()
         self._db = await aiosqlite.connect(self.db_path)
         self._db.row_factory = aiosqlite.Row
         await self._db.execute("PRAGMA journal_mode=WAL")
+        self._keep_files_private()  # the -wal and -shm files exist from here on
         await self._db.execute("PRAGMA synchronous=NORMAL")
         await self._db.execute("PRAGMA busy_timeout=5000")
         await self._db.executescript(_SCHEMA)
@@ -167,6 +172,11 @@ class Registry:
                 )  # fmt: skip
                 self.backends[backend.id] = backend
         self._reindex()
+
+    def _keep_files_private(self) -> None:
+        """The database holds backends' keys: create it 0600, and tighten it and its companions if wider."""
+        create_private(self.db_path)
+        tighten(sqlite_files(self.db_path), self.log)
 
     async def close(self) -> None:
         if self._db is not None:
