@@ -7,6 +7,7 @@ registration survives a crash of the process.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 import uuid
@@ -19,6 +20,7 @@ import aiosqlite
 
 from gateway.config import BackendConfig
 from gateway.logs import get_logger
+from gateway.netguard import normalise_url
 from gateway.private_files import create_private, sqlite_files, tighten
 
 UNKNOWN, HEALTHY, UNHEALTHY, MISMATCHED = "unknown", "healthy", "unhealthy", "mismatched"
@@ -136,10 +138,15 @@ class Registry:
     def __init__(self, db_path: Path, static: Iterable[BackendConfig] = (), log: Any = None) -> None:
         self.db_path = db_path
         self.log = log if log is not None else get_logger("gateway.registry")
+        self.lock = asyncio.Lock()
+        """Held by a writer from its checks (URL taken? room left?) to its write, across awaits."""
         self._db: aiosqlite.Connection | None = None
         self.backends: dict[str, Backend] = {}
         for conf in static:
-            backend = Backend(f"config:{conf.name}", conf.name, conf.url.rstrip("/"), tuple(conf.models), "config")
+            url = normalise_url(conf.url)
+            if url.note:
+                self.log.info("backend_url_normalised", backend=conf.name, note=url.note)
+            backend = Backend(f"config:{conf.name}", conf.name, url.url, tuple(conf.models), "config")
             backend.api_key, backend.weight = conf.api_key, conf.weight
             for name in TIMEOUTS:
                 setattr(backend, name, getattr(conf, name))
@@ -166,7 +173,7 @@ class Registry:
         async with self._db.execute("SELECT * FROM backends ORDER BY created_at") as cursor:
             async for row in cursor:
                 backend = Backend(
-                    row["id"], row["name"], row["url"], tuple(json.loads(row["models"])), "api",
+                    row["id"], row["name"], _canonical(row["url"]), tuple(json.loads(row["models"])), "api",
                     last_error=row["last_error"], created_at=row["created_at"],
                     **{name: _column(name, row[name]) for name in EDITABLE[3:]},
                 )  # fmt: skip
@@ -212,7 +219,8 @@ class Registry:
         return sorted({m for b in self.backends.values() for m in b.models})
 
     def by_url(self, url: str) -> Backend | None:
-        url = url.rstrip("/")
+        """The backend at ``url``, however it is spelt (``HTTP://Host:80/`` finds ``http://host``)."""
+        url = _canonical(url)
         return next((b for b in self.backends.values() if b.url == url), None)
 
     def _reindex(self) -> None:
@@ -226,10 +234,14 @@ class Registry:
     # -- writes: SQLite first, then memory -------------------------------------
 
     async def add(self, url: str, models: Iterable[str], name: str | None = None, **fields: Any) -> Backend:
-        """Register a backend; ``fields`` are other EDITABLE ones (owner, api_key, timeouts)."""
+        """Register a backend; ``fields`` are other EDITABLE ones (owner, api_key, timeouts).
+
+        ValueError if ``url`` cannot be a backend's URL (netguard.normalise_url says why).
+        """
         now = time.time()
-        url = url.rstrip("/")
-        backend = Backend(uuid.uuid4().hex, name or _default_name(url), url, tuple(models), "api", created_at=now)
+        url = normalise_url(url).url
+        backend_id = uuid.uuid4().hex
+        backend = Backend(backend_id, name or _default_name(backend_id), url, tuple(models), "api", created_at=now)
         for key, value in fields.items():
             if key not in EDITABLE:
                 raise ValueError(f"not a backend field: {key}")
@@ -248,7 +260,7 @@ class Registry:
     async def update(self, backend: Backend, changes: dict[str, Any]) -> Backend:
         """Apply ``changes`` (keys from EDITABLE) to a registered backend."""
         if "url" in changes:
-            changes["url"] = changes["url"].rstrip("/")
+            changes["url"] = normalise_url(changes["url"]).url
         if "models" in changes:
             changes["models"] = tuple(changes["models"])
         columns = {k: _value(k, v) for k, v in changes.items() if k in EDITABLE}
@@ -285,11 +297,17 @@ class Registry:
         self._reindex()
 
 
-def _default_name(url: str) -> str:
-    from urllib.parse import urlsplit
+def _default_name(backend_id: str) -> str:
+    """A short stable name that does not reveal the backend's address (clients see names)."""
+    return f"backend-{backend_id[:8]}"
 
-    parts = urlsplit(url)
-    return parts.netloc or url
+
+def _canonical(url: str) -> str:
+    """``url`` in canonical form; one that cannot be normalised (stored by an older version) as it is."""
+    try:
+        return normalise_url(url).url
+    except ValueError:
+        return url.rstrip("/")
 
 
 def _value(column: str, value: Any) -> Any:
