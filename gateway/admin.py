@@ -3,32 +3,23 @@
 from __future__ import annotations
 
 import dataclasses
-import hmac
-import json
-import os
-import secrets
+import sqlite3
 import time
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
 from aiohttp import web
 
-from gateway.config import (
-    MIN_ADMIN_KEY_LENGTH,
-    ConfigError,
-    GatewayConfig,
-    ModelProfile,
-    _http_url,
-)
+from gateway.admin_auth import REGISTRATION_LIMIT, TokenBuckets, admin_only, limit_registrations
+from gateway.admin_auth import resolve_admin_key as resolve_admin_key
+from gateway.config import GatewayConfig, ModelProfile, _http_url
 from gateway.errors import GatewayError
-from gateway.netguard import check_backend_url
+from gateway.jsonbody import parse_object, read_object
+from gateway.netguard import BackendURL, check_backend_url
 from gateway.registry import STATUSES, Backend
-from gateway.state import GATEWAY, Gateway
+from gateway.state import Gateway
 from gateway.validate import ValidationError, build, positive
-
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 def _models_list(value: list[str] | None) -> str | None:
@@ -58,112 +49,6 @@ class Registration:
     profile: ModelProfile | None = field(default=None, metadata={"doc": "capabilities, tier and cost of its models"})
 
 
-def resolve_admin_key(config: GatewayConfig, log: Any) -> str:
-    """The configured admin key, else the one kept beside the database, else a new one."""
-    if config.admin.api_key:
-        return config.admin.api_key
-    path = config.admin_key_path
-    if path.exists():
-        key = path.read_text(encoding="utf-8").strip()
-        if len(key) < MIN_ADMIN_KEY_LENGTH:
-            problem = f"the key in {path} is shorter than {MIN_ADMIN_KEY_LENGTH} characters"
-            raise ConfigError([f"admin.api_key: {problem}; delete the file to generate a new one"])
-        return key
-    key = secrets.token_urlsafe(32)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w", encoding="utf-8") as handle:
-        handle.write(key + "\n")
-        handle.flush()
-        os.fsync(handle.fileno())  # the key must outlive a crash, like the registrations it guards
-    log.warning(
-        "admin_key_generated",
-        path=str(path),
-        how_to_use=f'send it as the X-API-Key header: curl -H "X-API-Key: $(cat {path})" ...',
-        note="set admin.api_key in gateway.yaml (or MULTIVERSE_ADMIN_KEY) to choose your own",
-    )
-    return key
-
-
-class TokenBuckets:
-    """Per-key token buckets: ``per_minute`` actions a minute, bursts up to that many."""
-
-    def __init__(self, per_minute: int) -> None:
-        self.rate = per_minute / 60
-        self.capacity = float(per_minute)
-        self._buckets: dict[str, tuple[float, float]] = {}
-
-    def take(self, key: str) -> float:
-        """Take a token; return 0 if allowed, else the seconds until one is available."""
-        now = time.monotonic()
-        tokens, last = self._buckets.get(key, (self.capacity, now))
-        tokens = min(self.capacity, tokens + (now - last) * self.rate)
-        if tokens >= 1:
-            self._buckets[key] = (tokens - 1, now)
-            return 0.0
-        self._buckets[key] = (tokens, now)
-        return (1 - tokens) / self.rate
-
-
-REGISTRATION_LIMIT = web.AppKey("registration_limit", TokenBuckets)
-
-
-def _limit_registrations(request: web.Request, gateway: Gateway) -> None:
-    wait = request.app[REGISTRATION_LIMIT].take(_presented_key(request) or "")
-    if wait:
-        per_minute = gateway.config.admin.registrations_per_minute
-        raise GatewayError(
-            429,
-            f"too many registrations: at most {per_minute} a minute per admin key "
-            f"(admin.registrations_per_minute); retry in {wait:.0f} s",
-            code="rate_limit_exceeded",
-            headers={"Retry-After": str(max(1, round(wait)))},
-        )
-
-
-def _presented_key(request: web.Request) -> str | None:
-    given = request.headers.get("X-API-Key")
-    if given is None:
-        auth = request.headers.get("Authorization", "")
-        given = auth[7:] if auth[:7].lower() == "bearer " else None
-    return given
-
-
-def _authorized(request: web.Request, key: str) -> bool:
-    given = _presented_key(request)
-    return given is not None and hmac.compare_digest(given.encode(), key.encode())
-
-
-def admin_only(handler: Callable[[web.Request, Gateway], Awaitable[web.StreamResponse]]) -> Handler:
-    async def guarded(request: web.Request) -> web.StreamResponse:
-        gateway = request.app[GATEWAY]
-        if not _authorized(request, gateway.admin_key):
-            missing = "X-API-Key" not in request.headers and "Authorization" not in request.headers
-            reason = "is missing" if missing else "is not valid"
-            return GatewayError(
-                401,
-                f"the admin key {reason}; send it as 'X-API-Key: <key>' or 'Authorization: Bearer <key>' "
-                f"(admin.api_key in the config, or the file {gateway.config.admin_key_path.name} beside the database)",
-                code="invalid_admin_key",
-            ).to_response()
-        try:
-            return await handler(request, gateway)
-        except GatewayError as exc:
-            return exc.to_response()
-
-    return guarded
-
-
-async def _body(request: web.Request) -> dict[str, Any]:
-    try:
-        data = await request.json()
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise GatewayError(400, f"the request body is not valid JSON ({exc})") from None
-    if not isinstance(data, dict):
-        raise GatewayError(400, "the request body must be a JSON object")
-    return data
-
-
 def _validated(cls: type[Any], data: dict[str, Any]) -> Any:
     try:
         return build(cls, data)
@@ -177,22 +62,30 @@ def _models_of(body: Registration) -> list[str] | None:
     return [body.model_name] if body.model_name else body.models
 
 
+MODEL_LIST_LIMIT = 4 * 1024 * 1024
+"""Most bytes read from a backend's /v1/models at registration."""
+
+
 async def discover_models(gateway: Gateway, url: str, api_key: str | None) -> list[str]:
-    """Ask a backend which models it serves, through its /v1/models."""
-    target = f"{url.rstrip('/')}/v1/models"
-    hint = "; pass 'model_name' or 'models' in the registration instead"
+    """Ask a backend which models it serves, through its /v1/models (``url`` is canonical: no /v1)."""
+    target = f"{url}/v1/models"
+    hint = "; check that endpoint_url is the server's base URL, or pass 'model_name' or 'models' instead"
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else None
     try:
         timeout = aiohttp.ClientTimeout(total=gateway.config.routing.connect_timeout + 5)
         async with gateway.http.get(target, timeout=timeout, allow_redirects=False, headers=headers) as response:
             if response.status != 200:
                 raise GatewayError(400, f"could not list models at {target}: HTTP {response.status}{hint}")
-            payload = json.loads(await response.read())
+            raw = await response.content.read(MODEL_LIST_LIMIT + 1)
     except (aiohttp.ClientError, TimeoutError) as exc:
         raise GatewayError(400, f"could not reach {target} to list its models ({type(exc).__name__}){hint}") from None
-    except ValueError:
-        raise GatewayError(400, f"{target} did not answer with JSON{hint}") from None
-    entries = payload.get("data") if isinstance(payload, dict) else None
+    if len(raw) > MODEL_LIST_LIMIT:
+        raise GatewayError(400, f"{target} answered with more than {MODEL_LIST_LIMIT} bytes{hint}")
+    try:
+        payload = parse_object(raw, what=f"the answer of {target}")
+    except GatewayError as exc:
+        raise GatewayError(400, exc.message + hint) from None
+    entries = payload.get("data")
     models = [e["id"] for e in entries or [] if isinstance(e, dict) and isinstance(e.get("id"), str)]
     if not models:
         raise GatewayError(400, f"{target} lists no models{hint}")
@@ -208,34 +101,51 @@ def _given_fields(body: Registration) -> dict[str, Any]:
     return given
 
 
-@admin_only
-async def register(request: web.Request, gateway: Gateway) -> web.Response:
-    _limit_registrations(request, gateway)
-    body: Registration = _validated(Registration, await _body(request))
-    if body.endpoint_url is None:
-        raise GatewayError(400, "endpoint_url: required (the base URL of your server)", param="endpoint_url")
-    await check_backend_url(body.endpoint_url, gateway.config.admin.allow_private_backends)
-    existing = gateway.registry.by_url(body.endpoint_url)
+def _existing(gateway: Gateway, url: str) -> Backend | None:
+    """The registration ``url`` refreshes, or None if there is room for a new one; 409 otherwise."""
+    existing = gateway.registry.by_url(url)
     if existing is not None and existing.read_only:
-        raise GatewayError(409, f"{body.endpoint_url} is already configured in gateway.yaml as '{existing.name}'")
+        raise GatewayError(409, f"{url} is already configured in gateway.yaml as '{existing.name}'")
     limit = gateway.config.admin.max_backends
     if existing is None and sum(b.source == "api" for b in gateway.registry.backends.values()) >= limit:
         raise GatewayError(
             409, f"the gateway already holds {limit} registered backends (admin.max_backends); remove one first"
         )
-    models = _models_of(body) or await discover_models(gateway, body.endpoint_url, body.api_key)
+    return existing
+
+
+def _url_taken(url: str) -> GatewayError:
+    """A write refused by the database's unique URL (another gateway on the same database got there first)."""
+    return GatewayError(409, f"{url} is already registered; GET /admin/servers lists it", param="endpoint_url")
+
+
+@admin_only
+async def register(request: web.Request, gateway: Gateway) -> web.Response:
+    limit_registrations(request, gateway)
+    body: Registration = _validated(Registration, await read_object(request))
+    if body.endpoint_url is None:
+        raise GatewayError(400, "endpoint_url: required (the base URL of your server)", param="endpoint_url")
+    url: BackendURL = await check_backend_url(body.endpoint_url, gateway.config.admin.allow_private_backends)
+    _existing(gateway, url.url)  # refuse early, before asking the backend for its models
+    models = _models_of(body) or await discover_models(gateway, url.url, body.api_key)
     fields = _given_fields(body)
-    if existing is not None:  # registering again is idempotent: refresh the registration
-        backend = await gateway.registry.update(existing, {"models": models, **fields})
-        status = 200
-    else:
-        name = fields.pop("name", None)
-        backend = await gateway.registry.add(body.endpoint_url, models, name, **fields)
-        status = 201
+    async with gateway.registry.lock:  # discovery awaited: check again, and write before anyone else checks
+        existing = _existing(gateway, url.url)
+        try:
+            if existing is not None:  # registering again is idempotent: refresh the registration
+                backend = await gateway.registry.update(existing, {"models": models, **fields})
+            else:
+                backend = await gateway.registry.add(url.url, models, fields.pop("name", None), **fields)
+        except sqlite3.IntegrityError:
+            raise _url_taken(url.url) from None
     gateway.log.info(
         "backend_registered", registration_id=backend.id, backend=backend.name, models=list(backend.models)
     )
-    return web.json_response({"registration_id": backend.id, **backend.public()}, status=status)
+    answer = {"registration_id": backend.id, **backend.public()}
+    if url.note:
+        answer["warnings"] = [url.note]
+        gateway.log.info("backend_url_normalised", registration_id=backend.id, note=url.note)
+    return web.json_response(answer, status=200 if existing is not None else 201)
 
 
 def _registered(gateway: Gateway, registration_id: str) -> Backend:
@@ -252,23 +162,33 @@ def _registered(gateway: Gateway, registration_id: str) -> Backend:
 @admin_only
 async def update(request: web.Request, gateway: Gateway) -> web.Response:
     backend = _registered(gateway, request.match_info["registration_id"])
-    _limit_registrations(request, gateway)
-    body: Registration = _validated(Registration, await _body(request))
+    limit_registrations(request, gateway)
+    body: Registration = _validated(Registration, await read_object(request))
     changes = _given_fields(body)
+    url: BackendURL | None = None
     if body.endpoint_url:
-        await check_backend_url(body.endpoint_url, gateway.config.admin.allow_private_backends)
-        other = gateway.registry.by_url(body.endpoint_url)
-        if other is not None and other is not backend:
-            raise GatewayError(409, f"{body.endpoint_url} is already registered as '{other.id}'")
-        changes["url"] = body.endpoint_url
+        url = await check_backend_url(body.endpoint_url, gateway.config.admin.allow_private_backends)
+        changes["url"] = url.url
     models = _models_of(body)
     if models:
         changes["models"] = models
     if not changes:
         raise GatewayError(400, "nothing to update; send any of: " + ", ".join(vars(body)))
-    await gateway.registry.update(backend, changes)
+    async with gateway.registry.lock:
+        other = gateway.registry.by_url(url.url) if url is not None else None
+        if url is not None and other is not None and other is not backend:
+            raise GatewayError(409, f"{url.url} is already registered as '{other.id}'", param="endpoint_url")
+        if backend.id not in gateway.registry.backends:
+            raise GatewayError(404, f"registration '{backend.id}' was removed while this update waited")
+        try:
+            await gateway.registry.update(backend, changes)
+        except sqlite3.IntegrityError:
+            raise _url_taken(changes["url"]) from None
     gateway.log.info("backend_updated", registration_id=backend.id, fields=sorted(changes))
-    return web.json_response(backend.public())
+    answer = backend.public()
+    if url is not None and url.note:
+        answer["warnings"] = [url.note]
+    return web.json_response(answer)
 
 
 @admin_only

@@ -3,13 +3,22 @@
 from __future__ import annotations
 
 import sqlite3
+import sys
 from pathlib import Path
 from typing import Any
 
+import structlog
+
 from gateway.config import GatewayConfig
+from gateway.private_files import create_private, sqlite_files, tighten
 from gateway.registry import EDITABLE, Registry
 
 EXPORT_VERSION = 1
+
+
+def _cli_log() -> Any:
+    """Log lines of a command go to standard error: standard output may be the export itself."""
+    return structlog.wrap_logger(structlog.PrintLogger(sys.stderr))
 
 
 def backup(config: GatewayConfig, target: Path) -> int:
@@ -18,15 +27,18 @@ def backup(config: GatewayConfig, target: Path) -> int:
     if not source_path.exists():
         raise FileNotFoundError(f"no registry database at {source_path}")
     target.parent.mkdir(parents=True, exist_ok=True)
+    create_private(target)  # it holds backends' keys, as the database does
+    tighten([target], _cli_log())
     with sqlite3.connect(source_path) as source, sqlite3.connect(target) as copy:
         source.backup(copy)
         (count,) = copy.execute("SELECT count(*) FROM backends").fetchone()
+    tighten(sqlite_files(target), _cli_log())
     return int(count)
 
 
 async def export_registrations(config: GatewayConfig, include_secrets: bool) -> dict[str, Any]:
     """Registered backends (not those from the config file) as JSON-ready data."""
-    registry = Registry(config.database_path)
+    registry = Registry(config.database_path, log=_cli_log())
     await registry.open()
     try:
         rows = []
@@ -45,7 +57,7 @@ async def import_registrations(config: GatewayConfig, data: Any) -> tuple[int, i
     """Add the exported registrations; a URL already registered is updated. Returns (added, updated)."""
     if not isinstance(data, dict) or data.get("multiverse_export") != EXPORT_VERSION:
         raise ValueError("not a file written by `multiverse export` (no 'multiverse_export': 1)")
-    registry = Registry(config.database_path)
+    registry = Registry(config.database_path, log=_cli_log())
     await registry.open()
     added = updated = 0
     try:

@@ -106,6 +106,7 @@ def cmd_backup(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     from gateway.backup import export_registrations
+    from gateway.private_files import write_private
 
     try:
         data = asyncio.run(export_registrations(_load(args.config), args.include_secrets))
@@ -113,7 +114,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         return _fail(exc, args.config)
     text = json.dumps(data, indent=2)
     if args.output:
-        Path(args.output).write_text(text + "\n")
+        write_private(Path(args.output), text + "\n")  # with --include-secrets it holds backends' keys
         print(f"exported {len(data['registrations'])} registration(s) to {args.output}", file=sys.stderr)
     else:
         print(text)

@@ -7,10 +7,10 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
-from urllib.parse import urlsplit
 
 import yaml
 
+from gateway.netguard import url_problem
 from gateway.validate import ValidationError, build, json_schema, positive
 
 DEFAULT_PLUGINS = ("round_robin",)
@@ -24,10 +24,8 @@ def _port(value: int) -> str | None:
 
 
 def _http_url(value: str) -> str | None:
-    parts = urlsplit(value)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        return f"must be an http:// or https:// URL with a host, got {value!r}"
-    return None
+    """The checks every backend URL passes, registered or configured (see netguard.normalise_url)."""
+    return url_problem(value)
 
 
 def _admin_key(value: str | None) -> str | None:

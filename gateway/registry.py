@@ -20,6 +20,8 @@ import aiosqlite
 
 from gateway.config import BackendConfig
 from gateway.logs import get_logger
+from gateway.netguard import normalise_url
+from gateway.private_files import create_private, sqlite_files, tighten
 
 UNKNOWN, HEALTHY, UNHEALTHY, MISMATCHED = "unknown", "healthy", "unhealthy", "mismatched"
 STATUSES = (HEALTHY, UNHEALTHY, UNKNOWN, MISMATCHED)
@@ -142,12 +144,18 @@ class Backend:
 class Registry:
     """All backends, indexed by model for the request path."""
 
-    def __init__(self, db_path: Path, static: Iterable[BackendConfig] = ()) -> None:
+    def __init__(self, db_path: Path, static: Iterable[BackendConfig] = (), log: Any = None) -> None:
         self.db_path = db_path
+        self.log = log if log is not None else get_logger("gateway.registry")
+        self.lock = asyncio.Lock()
+        """Held by a writer from its checks (URL taken? room left?) to its write, across awaits."""
         self._db: aiosqlite.Connection | None = None
         self.backends: dict[str, Backend] = {}
         for conf in static:
-            backend = Backend(f"config:{conf.name}", conf.name, conf.url.rstrip("/"), tuple(conf.models), "config")
+            url = normalise_url(conf.url)
+            if url.note:
+                self.log.info("backend_url_normalised", backend=conf.name, note=url.note)
+            backend = Backend(f"config:{conf.name}", conf.name, url.url, tuple(conf.models), "config")
             backend.api_key, backend.weight = conf.api_key, conf.weight
             for name in TIMEOUTS:
                 setattr(backend, name, getattr(conf, name))
@@ -185,9 +193,11 @@ class Registry:
 
     async def open(self) -> None:
         self.db_path.parent.mkdir(parents=True, exist_ok=True)
+        self._keep_files_private()
         self._db = await aiosqlite.connect(self.db_path)
         self._db.row_factory = aiosqlite.Row
         await self._db.execute("PRAGMA journal_mode=WAL")
+        self._keep_files_private()  # the -wal and -shm files exist from here on
         await self._db.execute("PRAGMA synchronous=NORMAL")
         await self._db.execute("PRAGMA busy_timeout=5000")
         await self._db.executescript(_SCHEMA)
@@ -201,7 +211,7 @@ class Registry:
         async with self._db.execute("SELECT * FROM backends ORDER BY created_at") as cursor:
             async for row in cursor:
                 backend = Backend(
-                    row["id"], row["name"], row["url"], tuple(json.loads(row["models"])), "api",
+                    row["id"], row["name"], _canonical(row["url"]), tuple(json.loads(row["models"])), "api",
                     last_error=row["last_error"], created_at=row["created_at"],
                     **{name: _column(name, row[name]) for name in EDITABLE[3:]},
                 )  # fmt: skip
@@ -209,6 +219,11 @@ class Registry:
         self._reindex()
         self._data_version = await self._read_data_version()
         self._watcher = asyncio.create_task(self._watch(), name="registry_watch")
+
+    def _keep_files_private(self) -> None:
+        """The database holds backends' keys: create it 0600, and tighten it and its companions if wider."""
+        create_private(self.db_path)
+        tighten(sqlite_files(self.db_path), self.log)
 
     async def close(self) -> None:
         if self._watcher is not None:
@@ -248,7 +263,8 @@ class Registry:
         return sorted({m for b in self.backends.values() for m in b.models})
 
     def by_url(self, url: str) -> Backend | None:
-        url = url.rstrip("/")
+        """The backend at ``url``, however it is spelt (``HTTP://Host:80/`` finds ``http://host``)."""
+        url = _canonical(url)
         return next((b for b in self.backends.values() if b.url == url), None)
 
     def _reindex(self) -> None:
@@ -291,14 +307,15 @@ class Registry:
         for row in rows:
             known = self.backends.get(row["id"])
             fields = {name: _column(name, row[name]) for name in EDITABLE[3:]}
-            if known is not None and known.url == row["url"]:
+            url = _canonical(row["url"])
+            if known is not None and known.url == url:
                 known.name, known.models = row["name"], tuple(json.loads(row["models"]))
                 for name, value in fields.items():
                     setattr(known, name, value)
                 fresh[known.id] = known
                 continue
             fresh[row["id"]] = Backend(
-                row["id"], row["name"], row["url"], tuple(json.loads(row["models"])), "api",
+                row["id"], row["name"], url, tuple(json.loads(row["models"])), "api",
                 status=row["status"] if known is None else UNKNOWN, last_error=row["last_error"],
                 status_since=row["status_since"] or time.time(), created_at=row["created_at"], **fields,
             )  # fmt: skip
@@ -309,10 +326,14 @@ class Registry:
     # -- writes: SQLite first, then memory -------------------------------------
 
     async def add(self, url: str, models: Iterable[str], name: str | None = None, **fields: Any) -> Backend:
-        """Register a backend; ``fields`` are other EDITABLE ones (owner, api_key, timeouts)."""
+        """Register a backend; ``fields`` are other EDITABLE ones (owner, api_key, timeouts).
+
+        ValueError if ``url`` cannot be a backend's URL (netguard.normalise_url says why).
+        """
         now = time.time()
-        url = url.rstrip("/")
-        backend = Backend(uuid.uuid4().hex, name or _default_name(url), url, tuple(models), "api", created_at=now)
+        url = normalise_url(url).url
+        backend_id = uuid.uuid4().hex
+        backend = Backend(backend_id, name or _default_name(backend_id), url, tuple(models), "api", created_at=now)
         for key, value in fields.items():
             if key not in EDITABLE:
                 raise ValueError(f"not a backend field: {key}")
@@ -332,7 +353,7 @@ class Registry:
     async def update(self, backend: Backend, changes: dict[str, Any]) -> Backend:
         """Apply ``changes`` (keys from EDITABLE) to a registered backend."""
         if "url" in changes:
-            changes["url"] = changes["url"].rstrip("/")
+            changes["url"] = normalise_url(changes["url"]).url
         if "models" in changes:
             changes["models"] = tuple(changes["models"])
         columns = {k: _value(k, v) for k, v in changes.items() if k in EDITABLE}
@@ -372,11 +393,17 @@ class Registry:
         self._changed(backend, status, error)
 
 
-def _default_name(url: str) -> str:
-    from urllib.parse import urlsplit
+def _default_name(backend_id: str) -> str:
+    """A short stable name that does not reveal the backend's address (clients see names)."""
+    return f"backend-{backend_id[:8]}"
 
-    parts = urlsplit(url)
-    return parts.netloc or url
+
+def _canonical(url: str) -> str:
+    """``url`` in canonical form; one that cannot be normalised (stored by an older version) as it is."""
+    try:
+        return normalise_url(url).url
+    except ValueError:
+        return url.rstrip("/")
 
 
 def _value(column: str, value: Any) -> Any:

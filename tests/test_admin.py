@@ -2,16 +2,26 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
+import logging
+import sqlite3
+from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
+import structlog
 
+from gateway import logs
 from tests.conftest import ADMIN, ADMIN_KEY, StartBackend, StartGateway, closed_port_url
 
 
-async def _call(method: str, url: str, body: Any = None, headers: dict[str, str] | None = ADMIN) -> tuple[int, Any]:
-    async with aiohttp.ClientSession() as session, session.request(method, url, json=body, headers=headers) as response:
+async def _call(
+    method: str, url: str, body: Any = None, headers: dict[str, str] | None = ADMIN, data: bytes | None = None
+) -> tuple[int, Any]:
+    sent: dict[str, Any] = {"data": data} if data is not None else {"json": body}
+    async with aiohttp.ClientSession() as session, session.request(method, url, headers=headers, **sent) as response:
         return response.status, await response.json()
 
 
@@ -177,3 +187,85 @@ async def test_registrations_survive_a_restart(start_backend: StartBackend, star
     assert server["registration_id"] == created["registration_id"] and server["owner_name"] == "Lin"
     status, _ = await _call("POST", second.base_url + "/completions", {"model": "m", "prompt": "x"}, None)
     assert status == 200
+
+
+async def _raw_request(gateway_url: str, head: bytes, body: bytes = b"") -> tuple[int, dict[str, Any], bytes]:
+    """An HTTP/1.1 request written byte for byte, so header values can be bytes no client library would send."""
+    host, port = gateway_url.removeprefix("http://").rsplit(":", 1)
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(head + b"Connection: close\r\nContent-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+    await writer.drain()
+    answer = await reader.read()
+    writer.close()
+    status_line, _, rest = answer.partition(b"\r\n")
+    headers_blob, _, payload = rest.partition(b"\r\n\r\n")
+    headers = dict(line.decode().split(": ", 1) for line in headers_blob.split(b"\r\n"))
+    return int(status_line.split()[1]), headers, payload
+
+
+@pytest.mark.parametrize(
+    "header", [b"X-API-Key: presented-\xff-KEYMARK", b"Authorization: Bearer presented-\xfe\xff-KEYMARK"]
+)
+async def test_a_key_that_is_not_utf8_gets_401_and_is_never_logged(
+    start_gateway: StartGateway, capfd: pytest.CaptureFixture[str], header: bytes
+) -> None:
+    gateway = await start_gateway()
+    saved = logging.getLogger().handlers[:]
+    logs.configure("info", "json")
+    try:
+        status, headers, payload = await _raw_request(
+            gateway.url, b"GET /admin/servers HTTP/1.1\r\nHost: x\r\n" + header + b"\r\n"
+        )
+        out, err = capfd.readouterr()
+    finally:
+        structlog.reset_defaults()
+        logging.getLogger().handlers = saved
+    assert status == 401 and headers["Content-Type"].startswith("application/json")
+    error = json.loads(payload)["error"]
+    assert error["code"] == "invalid_admin_key" and "the admin key is not valid" in error["message"]
+    assert "KEYMARK" not in out + err and "presented" not in out + err
+
+
+async def test_json_nested_too_deeply_gets_400_in_the_envelope(start_gateway: StartGateway) -> None:
+    gateway = await start_gateway()
+    _, created = await _call(
+        "POST", gateway.url + "/admin/register", {"endpoint_url": "http://h.example", "models": ["m"]}
+    )
+    for method, path in [("POST", "/admin/register"), ("PUT", f"/admin/register/{created['registration_id']}")]:
+        status, body = await _call(method, gateway.url + path, headers=ADMIN, data=b"[" * 100_000)
+        assert status == 400, (path, body)
+        assert body["error"]["message"] == "the request body nests JSON too deeply to be read; flatten it"
+
+
+async def test_default_names_do_not_reveal_the_address(
+    start_backend: StartBackend, start_gateway: StartGateway
+) -> None:
+    backend = await start_backend(models=["echo"])
+    gateway = await start_gateway(backends=[])
+    _, created = await _call("POST", gateway.url + "/admin/register", {"endpoint_url": backend.url})
+    assert created["name"] == f"backend-{created['registration_id'][:8]}"
+    port = backend.url.rsplit(":", 1)[1]
+    async with aiohttp.ClientSession() as session:
+        chat = {"model": "echo", "messages": [{"role": "user", "content": "hi"}]}
+        async with session.post(gateway.base_url + "/chat/completions", json=chat) as response:
+            assert response.status == 200
+            assert response.headers["X-Multiverse-Backend"] == created["name"]
+            assert "127.0.0.1" not in response.headers["X-Multiverse-Backend"] and port not in created["name"]
+    named = await _call("POST", gateway.url + "/admin/register", {"endpoint_url": "http://h.example", "models": ["m"],
+                                                                   "name": "ada-laptop"})  # fmt: skip
+    assert named[1]["name"] == "ada-laptop"
+
+
+async def test_existing_registrations_keep_their_names(start_gateway: StartGateway, tmp_path: Path) -> None:
+    first = await start_gateway(backends=[])
+    _, created = await _call(
+        "POST", first.url + "/admin/register", {"endpoint_url": "http://h.example", "models": ["m"]}
+    )
+    await first.server.close()
+    with sqlite3.connect(tmp_path / "gateway.db") as db:  # as an older version named it
+        db.execute("UPDATE backends SET name = 'h.example:8000' WHERE id = ?", (created["registration_id"],))
+    second = await start_gateway(backends=[])
+    _, listed = await _call("GET", second.url + "/admin/servers")
+    assert [s["name"] for s in listed["servers"]] == ["h.example:8000"]
+    again = await _call("POST", second.url + "/admin/register", {"endpoint_url": "http://h.example", "models": ["m"]})
+    assert again[0] == 200 and again[1]["name"] == "h.example:8000"

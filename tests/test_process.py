@@ -121,7 +121,8 @@ def test_quick_start_with_a_generated_admin_key(procs: list[Proc], tmp_path: Pat
     assert key not in log and "sk-student-secret-value" not in log
     request_line = json.loads(next(line for line in log.splitlines() if '"event": "request"' in line))
     assert request_line["model"] == "echo" and request_line["status"] == 200 and request_line["attempts"] == 1
-    assert request_line["backend"] == f"127.0.0.1:{backend_port}" and request_line["latency_ms"] > 0
+    assert request_line["backend"] == created["name"] == f"backend-{created['registration_id'][:8]}"
+    assert request_line["latency_ms"] > 0
 
     gateway.stop()  # a restart keeps the key and the registration
     again = start_gateway(procs, tmp_path, port)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import socket
@@ -162,3 +163,39 @@ def test_a_key_given_twice_in_the_yaml_is_an_error(tmp_path: Path) -> None:
         load(path)
     assert "the key 'admin' is given twice in one mapping; keep one" in caught.value.problems[0]
     assert "line 3" in caught.value.problems[0]
+
+
+async def _slow_model_lists(aiohttp_server: Any) -> str:
+    """A server that answers GET <any base path>/v1/models after a pause, as a busy backend does."""
+
+    async def models(_: web.Request) -> web.Response:
+        await asyncio.sleep(0.2)
+        return web.json_response({"object": "list", "data": [{"id": "m", "object": "model"}]})
+
+    app = web.Application()
+    app.router.add_get("/{base:.*}/v1/models", models)
+    return str((await aiohttp_server(app)).make_url("")).rstrip("/")
+
+
+async def test_the_backend_cap_holds_under_concurrent_registrations(
+    aiohttp_server: Any, start_gateway: StartGateway
+) -> None:
+    server = await _slow_model_lists(aiohttp_server)
+    admin = {"api_key": ADMIN_KEY, "allow_private_backends": True, "max_backends": 5, "registrations_per_minute": 1000}
+    gateway = await start_gateway(admin=admin)
+    results = await asyncio.gather(*(_register(gateway.url, {"endpoint_url": f"{server}/b{i}"}) for i in range(40)))
+    statuses = sorted(status for status, _, _ in results)
+    assert statuses == [201] * 5 + [409] * 35
+    assert len(gateway.state.registry.backends) == 5
+
+
+async def test_concurrent_registrations_of_one_url_make_one_registration(
+    aiohttp_server: Any, start_gateway: StartGateway
+) -> None:
+    server = await _slow_model_lists(aiohttp_server)
+    gateway = await start_gateway(admin={"api_key": ADMIN_KEY, "allow_private_backends": True})
+    spellings = [f"{server}/same", f"{server}/same/", f"{server}/same/v1"]
+    results = await asyncio.gather(*(_register(gateway.url, {"endpoint_url": spellings[i % 3]}) for i in range(9)))
+    assert sorted(status for status, _, _ in results) == [200] * 8 + [201]
+    assert len({body["registration_id"] for _, body, _ in results}) == 1
+    assert len(gateway.state.registry.backends) == 1
