@@ -149,7 +149,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     for name, env in args.gateways:
         port = free_port()
         command = [sys.executable, "-m", "gateway", "serve", "--config", str(_gateway_config(tmp, port, backend_port))]
-        procs[name] = subprocess.Popen(command, stdout=log, stderr=log, cwd=ROOT, env={**os.environ, **env})
+        source = env.pop("SOURCE", str(ROOT))  # another checkout's code, e.g. the previous commit's
+        procs[name] = subprocess.Popen(command, stdout=log, stderr=log, cwd=source, env={**os.environ, **env})
         urls[name] = f"http://127.0.0.1:{port}"
     targets = list(urls)
     results: dict[str, Any] = {
@@ -243,7 +244,8 @@ def main() -> None:
         "--gateway",
         action="append",
         metavar="NAME[:VAR=VALUE,...]",
-        help="a gateway to measure, with extra environment; repeatable (default: one, 'gateway')",
+        help="a gateway to measure, with extra environment (SOURCE=DIR runs that checkout's code); repeatable "
+        "(default: one, 'gateway')",
     )
     parser.add_argument("--json", help="also write the raw figures here")
     args = parser.parse_args()

@@ -83,7 +83,8 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     gateway.admin_key = admin.resolve_admin_key(gateway.config, gateway.log)
     resolver = None
     if not gateway.config.admin.allow_private_backends:
-        resolver = PublicOnlyResolver({urlsplit(b.url).hostname or "" for b in gateway.config.backends})
+        configured = [b for b in gateway.registry.backends.values() if b.read_only]  # URLs normalised (xn--)
+        resolver = PublicOnlyResolver({urlsplit(b.url).hostname or "" for b in configured})
     gateway._http = aiohttp.ClientSession(
         connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=60, resolver=resolver),
         timeout=aiohttp.ClientTimeout(total=None, sock_connect=routing.connect_timeout),

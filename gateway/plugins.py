@@ -15,17 +15,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import importlib
-import importlib.util
 import inspect
-import pkgutil
-import re
-import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, is_dataclass
-from functools import cache
-from importlib.metadata import entry_points
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import pluggy
@@ -34,26 +27,23 @@ from gateway import PROJECT, hookspecs
 from gateway.config import DEFAULT_PLUGINS, ConfigError, GatewayConfig
 from gateway.hookspecs import Strategy
 from gateway.logs import get_logger
-from gateway.validate import ValidationError, build, did_you_mean
+from gateway.plugin_loading import (
+    ENTRY_POINT_GROUP,
+    available,
+    builtin,
+    config_schema,
+    hook_problem,
+    hooks_in,
+    import_plugin,
+    instantiate,
+)
+from gateway.validate import ValidationError, did_you_mean
 
-ENTRY_POINT_GROUP = "multiverse.plugins"
+__all__ = ["ENTRY_POINT_GROUP", "PluginInfo", "Plugins", "available", "builtin", "config_schema"]
+
 HookFn = Callable[..., Any]
 Impls = list[tuple[str, HookFn]]
 """(plugin name, function taking the hook's arguments positionally, in the spec's order)."""
-
-
-@cache
-def builtin() -> dict[str, str]:
-    """Built-in plugins by name: every module of the ``plugins`` package that implements a hook."""
-    import plugins
-
-    found = {}
-    for info in pkgutil.iter_modules(plugins.__path__):
-        if not info.ispkg and not info.name.startswith("_"):
-            module = importlib.import_module(f"plugins.{info.name}")
-            if _hooks_in(module):
-                found[info.name] = module.__name__
-    return found
 
 
 @dataclass(frozen=True)
@@ -84,7 +74,7 @@ class Plugins:
         try:
             self.pm.check_pending()
         except pluggy.PluginValidationError as exc:
-            raise ConfigError([_hook_problem(str(exc.plugin), exc)]) from None
+            raise ConfigError([hook_problem(str(exc.plugin), exc)]) from None
         self.order = {name: i for i, name in enumerate(self.sources)}
         self.strategies, self.owners = self._collect_strategies()
         wanted = config.routing.strategy
@@ -108,13 +98,13 @@ class Plugins:
 
     def _add(self, name: str, options: dict[str, Any] | None, base_dir: Path) -> list[str]:
         try:
-            module, source = _import(name, base_dir)
-            plugin, parsed = _instantiate(module, name, options)
+            module, source = import_plugin(name, base_dir)
+            plugin, parsed = instantiate(module, name, options)
             self.pm.register(plugin, name=name)
         except ValidationError as exc:
             return exc.problems
         except pluggy.PluginValidationError as exc:
-            return [_hook_problem(name, exc)]
+            return [hook_problem(name, exc)]
         wrappers = [hook for hook, impl in self._impls_of(name) if impl.hookwrapper or impl.wrapper]
         if wrappers:
             self.pm.unregister(name=name)
@@ -141,7 +131,7 @@ class Plugins:
                 continue
             module = importlib.import_module(builtin()[name])
             try:
-                plugin, _ = _instantiate(module, name, None)
+                plugin, _ = instantiate(module, name, None)
             except ValidationError:
                 continue  # it needs options: it must be listed
             offers = getattr(plugin, "register_strategies", None)
@@ -256,12 +246,12 @@ class Plugins:
             if name in self.sources:
                 continue
             try:
-                plugin, parsed = _instantiate(module, name, None)
+                plugin, parsed = instantiate(module, name, None)
                 offers = getattr(plugin, "register_strategies", None)
                 strategies = tuple(sorted((offers() if offers else None) or {}))
             except Exception:  # needs options, or fails: listed, not described
                 parsed, strategies = None, ()
-            infos.append(PluginInfo(name, source, False, _hooks_in(module), strategies, _as_dict(parsed)))
+            infos.append(PluginInfo(name, source, False, hooks_in(module), strategies, _as_dict(parsed)))
         return infos
 
 
@@ -282,110 +272,3 @@ def _as_dict(options: Any) -> dict[str, Any] | None:
     if options is None or not is_dataclass(options) or isinstance(options, type):
         return None
     return dataclasses.asdict(options)
-
-
-def _hook_problem(name: str, exc: pluggy.PluginValidationError) -> str:
-    match = re.search(r"unknown hook '(\w+)'", str(exc))
-    if match:
-        hint = did_you_mean(
-            match.group(1), [n for n in dir(hookspecs) if hasattr(getattr(hookspecs, n), f"{PROJECT}_spec")]
-        )
-        return f"plugins.{name}: unknown hook '{match.group(1)}'{hint}; the hooks are in gateway/hookspecs.py"
-    return f"plugins.{name}: {exc}"
-
-
-def available() -> Iterator[tuple[str, str, ModuleType | Any]]:
-    """Built-in plugins and installed entry points (imported, not registered)."""
-    for name, module in builtin().items():
-        yield name, "built-in", importlib.import_module(module)
-    for ep in entry_points(group=ENTRY_POINT_GROUP):
-        try:
-            yield ep.name, f"entry point of {ep.dist.name if ep.dist else '?'}", ep.load()
-        except Exception as exc:  # an installed plugin that fails to import is listed, not fatal
-            yield ep.name, f"entry point ({type(exc).__name__}: {exc})", None
-
-
-def _hooks_in(obj: Any) -> tuple[str, ...]:
-    target = getattr(obj, "Plugin", obj)
-    names = {n for n in dir(target) if hasattr(getattr(target, n, None), f"{PROJECT}_impl")}
-    return tuple(sorted(names))
-
-
-def _import(name: str, base_dir: Path) -> tuple[ModuleType | Any, str]:
-    where = f"plugins.{name}"
-    if name in builtin():
-        return importlib.import_module(builtin()[name]), "built-in"
-    for ep in entry_points(group=ENTRY_POINT_GROUP, name=name):
-        return ep.load(), f"entry point of {ep.dist.name if ep.dist else '?'}"
-    if name.endswith(".py") or "/" in name:
-        return _import_file(name, base_dir), f"file {_plugin_path(name, base_dir)}"
-    try:
-        return importlib.import_module(name), "module"
-    except ModuleNotFoundError as exc:
-        if exc.name is not None and name.startswith(exc.name):
-            known = list(builtin()) + [ep.name for ep in entry_points(group=ENTRY_POINT_GROUP)]
-            hint = did_you_mean(name, known)
-            raise ValidationError(
-                [
-                    f"{where}: no plugin named '{name}'{hint}; built-in: {', '.join(builtin())}; "
-                    "or give a file path (./my_plugin.py), a module path, or install a package "
-                    f"with a '{ENTRY_POINT_GROUP}' entry point"
-                ]
-            ) from None
-        raise ValidationError([f"{where}: importing '{name}' failed: {exc}"]) from None
-
-
-def _plugin_path(name: str, base_dir: Path) -> Path:
-    path = Path(name).expanduser()
-    return path if path.is_absolute() else base_dir / path
-
-
-def _import_file(name: str, base_dir: Path) -> ModuleType:
-    path = _plugin_path(name, base_dir)
-    if not path.is_file():
-        raise ValidationError([f"plugins.{name}: no plugin file at {path}"])
-    module_name = f"multiverse_plugin_{path.stem}_{abs(hash(str(path.resolve())))}"
-    spec = importlib.util.spec_from_file_location(module_name, path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[module_name] = module
-    try:
-        spec.loader.exec_module(module)
-    except Exception as exc:
-        sys.modules.pop(module_name, None)
-        raise ValidationError(
-            [f"plugins.{name}: the file {path} failed to import: {type(exc).__name__}: {exc}"]
-        ) from None
-    return module
-
-
-def _instantiate(module: ModuleType | Any, name: str, options: dict[str, Any] | None) -> tuple[Any, Any]:
-    """(what to register, its parsed options)."""
-    where = f"plugins.{name}"
-    options_cls: Any = getattr(module, "Options", None)
-    if isinstance(options_cls, type) and is_dataclass(options_cls):
-        parsed: Any = build(options_cls, options or {}, where)
-    elif options:
-        raise ValidationError([f"{where}: this plugin takes no options; remove {', '.join(options)}"])
-    else:
-        parsed = None
-    plugin_cls = getattr(module, "Plugin", None)
-    if inspect.isclass(plugin_cls):
-        factory: Callable[..., Any] = plugin_cls
-        return (factory(parsed) if parsed is not None else factory()), parsed
-    return module, parsed
-
-
-def config_schema() -> dict[str, Any]:
-    """The JSON Schema of gateway.yaml, with the options of every built-in plugin."""
-    from gateway.config import schema
-    from gateway.validate import json_schema
-
-    out = schema()
-    plugins = out["properties"]["plugins"]
-    plugins["properties"] = {}
-    for name, module_name in builtin().items():
-        options = getattr(importlib.import_module(module_name), "Options", None)
-        plugins["properties"][name] = json_schema(options) if options else {"type": "null"}
-        plugins["properties"][name] = {"anyOf": [plugins["properties"][name], {"type": "null"}]}
-    return out

@@ -12,21 +12,27 @@ import json
 import time
 import uuid
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import aiosqlite
 
+from gateway.backend import (
+    HEALTHY,
+    MISMATCHED,
+    ROUTABLE,
+    STATUSES,
+    TIMEOUTS,
+    UNHEALTHY,
+    UNKNOWN,
+    Backend,
+)
 from gateway.config import BackendConfig
 from gateway.logs import get_logger
 from gateway.netguard import normalise_url
 from gateway.private_files import create_private, sqlite_files, tighten
 
-UNKNOWN, HEALTHY, UNHEALTHY, MISMATCHED = "unknown", "healthy", "unhealthy", "mismatched"
-STATUSES = (HEALTHY, UNHEALTHY, UNKNOWN, MISMATCHED)
-ROUTABLE = frozenset({UNKNOWN, HEALTHY})
-"""Statuses a request may be routed to; an unprobed backend is given the benefit of the doubt."""
+__all__ = ["HEALTHY", "MISMATCHED", "ROUTABLE", "STATUSES", "TIMEOUTS", "UNHEALTHY", "UNKNOWN", "Backend", "Registry"]
 
 RELOAD_INTERVAL = 0.5
 """Seconds between checks whether another process (a second gateway, an import) changed the database."""
@@ -57,7 +63,6 @@ _ADDED_COLUMNS = {
     "weight": "REAL NOT NULL DEFAULT 1.0",
     "profile": "TEXT",
 }
-TIMEOUTS = ("connect_timeout", "ttft_timeout", "stall_timeout")
 EDITABLE = (
     "name",
     "url",
@@ -71,74 +76,6 @@ EDITABLE = (
     "profile",
 )
 _JSON_COLUMNS = frozenset({"models", "profile"})
-
-
-@dataclass(eq=False, slots=True)
-class Backend:
-    """A server that serves one or more models. Counters are runtime-only."""
-
-    id: str
-    name: str
-    url: str
-    models: tuple[str, ...]
-    source: str
-    owner_name: str | None = None
-    owner_email: str | None = None
-    description: str | None = None
-    api_key: str | None = None
-    connect_timeout: float | None = None
-    ttft_timeout: float | None = None
-    stall_timeout: float | None = None
-    weight: float = 1.0
-    profile: dict[str, Any] | None = None  # capabilities, tier, costs of its models (see ModelProfile)
-    status: str = UNKNOWN
-    last_error: str | None = None
-    status_since: float = field(default_factory=time.time)
-    created_at: float = field(default_factory=time.time)
-    in_flight: int = 0
-    served: int = 0
-    failed: int = 0
-    active_at: float = 0.0
-    """``time.monotonic()`` when a request of ours last got bytes from it: a busy backend is not a dead one."""
-    notes: dict[str, Any] = field(default_factory=dict)
-    """Plugins' per-backend state worth showing (e.g. a circuit breaker's), keyed by plugin."""
-
-    def auth_headers(self) -> dict[str, str]:
-        """What proves the gateway to this backend: its own key as a bearer token, if it has one."""
-        return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
-
-    @property
-    def routable(self) -> bool:
-        return self.status in ROUTABLE
-
-    @property
-    def read_only(self) -> bool:
-        return self.source == "config"
-
-    def public(self) -> dict[str, Any]:
-        """What the admin API shows."""
-        return {
-            "registration_id": self.id,
-            "name": self.name,
-            "endpoint_url": self.url,
-            "models": list(self.models),
-            "source": self.source,
-            "read_only": self.read_only,
-            "owner_name": self.owner_name,
-            "owner_email": self.owner_email,
-            "description": self.description,
-            "has_api_key": self.api_key is not None,
-            **{name: getattr(self, name) for name in TIMEOUTS},
-            "weight": self.weight,
-            "profile": self.profile,
-            "status": self.status,
-            "last_error": self.last_error,
-            "status_since": self.status_since,
-            "in_flight": self.in_flight,
-            "requests_served": self.served,
-            "requests_failed": self.failed,
-            "notes": self.notes,
-        }
 
 
 class Registry:

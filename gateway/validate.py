@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from typing import Any, Literal, TypeVar, Union
@@ -194,7 +195,9 @@ def json_schema(tp: Any) -> dict[str, Any]:
 
 def positive(value: float | None) -> str | None:
     """A number above zero (None passes: the field is optional)."""
-    return None if value is None or value > 0 else f"must be greater than 0, got {value}"
+    if value is None or 0 < value < math.inf:
+        return None
+    return f"must be greater than 0, got {value}" if value <= 0 else f"must be a finite number, got {value}"
 
 
 def share(value: float) -> str | None:

@@ -113,7 +113,7 @@ class Plugin:
             if self._busy(backend):
                 return BUSY, None
             return UNHEALTHY, f"GET {path} timed out after {self.options.timeout:g}s"
-        except aiohttp.ClientError as exc:
+        except (aiohttp.ClientError, ValueError) as exc:  # ValueError: a URL aiohttp cannot use (an old registration)
             return UNHEALTHY, f"GET {path} failed: {type(exc).__name__}"
         if response.status != 200:
             return UNHEALTHY, f"GET {path} answered HTTP {response.status}"

@@ -124,3 +124,9 @@ def test_plugins_command_lists_plugins_as_json() -> None:
         "options": None,
     }
     assert listed["health"]["enabled"] and listed["health"]["hooks"] == ["startup"]
+
+
+def test_infinite_timeouts_are_refused() -> None:
+    problems = _problems({"routing": {"ttft_timeout": float("inf"), "stall_timeout": float("nan")}})
+    assert "routing.ttft_timeout: must be a finite number, got inf" in problems
+    assert "routing.stall_timeout: must be a finite number, got nan" in problems
