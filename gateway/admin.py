@@ -46,6 +46,9 @@ class Registration:
     ttft_timeout: float | None = field(default=None, metadata={"check": positive})
     stall_timeout: float | None = field(default=None, metadata={"check": positive})
     weight: float | None = field(default=None, metadata={"check": positive})
+    max_concurrency: int | None = field(
+        default=None, metadata={"doc": "requests it works on at once (llama.cpp's server: 1)", "check": positive}
+    )
     profile: ModelProfile | None = field(default=None, metadata={"doc": "capabilities, tier and cost of its models"})
 
 

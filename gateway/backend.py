@@ -31,6 +31,7 @@ class Backend:
     ttft_timeout: float | None = None
     stall_timeout: float | None = None
     weight: float = 1.0
+    max_concurrency: int | None = None  # requests it works on at once (a llama.cpp server: 1); None: no limit
     profile: dict[str, Any] | None = None  # capabilities, tier, costs of its models (see ModelProfile)
     status: str = UNKNOWN
     last_error: str | None = None
@@ -71,6 +72,7 @@ class Backend:
             "has_api_key": self.api_key is not None,
             **{name: getattr(self, name) for name in TIMEOUTS},
             "weight": self.weight,
+            "max_concurrency": self.max_concurrency,
             "profile": self.profile,
             "status": self.status,
             "last_error": self.last_error,

@@ -105,6 +105,13 @@ class BackendConfig:
     url: str = field(metadata={"doc": "base URL of an OpenAI-compatible server", "check": _http_url})
     models: list[str] = field(metadata={"doc": "models this backend serves", "check": _models})
     api_key: str | None = field(default=None, metadata={"doc": "sent to this backend as a bearer token"})
+    max_concurrency: int | None = field(
+        default=None,
+        metadata={
+            "doc": "requests it works on at once (llama.cpp's server: 1); fair sharing queues the rest",
+            "check": positive,
+        },
+    )
     weight: float = field(
         default=1.0, metadata={"doc": "share of traffic under the weighted strategy", "check": positive}
     )

@@ -62,6 +62,7 @@ _ADDED_COLUMNS = {
     "stall_timeout": "REAL",
     "weight": "REAL NOT NULL DEFAULT 1.0",
     "profile": "TEXT",
+    "max_concurrency": "INTEGER",
 }
 EDITABLE = (
     "name",
@@ -74,6 +75,7 @@ EDITABLE = (
     *TIMEOUTS,
     "weight",
     "profile",
+    "max_concurrency",
 )
 _JSON_COLUMNS = frozenset({"models", "profile"})
 
@@ -93,7 +95,7 @@ class Registry:
             if url.note:
                 self.log.info("backend_url_normalised", backend=conf.name, note=url.note)
             backend = Backend(f"config:{conf.name}", conf.name, url.url, tuple(conf.models), "config")
-            backend.api_key, backend.weight = conf.api_key, conf.weight
+            backend.api_key, backend.weight, backend.max_concurrency = conf.api_key, conf.weight, conf.max_concurrency
             for name in TIMEOUTS:
                 setattr(backend, name, getattr(conf, name))
             self.backends[backend.id] = backend

@@ -15,6 +15,7 @@ from gateway.config import GatewayConfig
 from gateway.logs import get_logger
 from gateway.plugins import Plugins
 from gateway.registry import Backend, Registry
+from gateway.store import MemoryStore, Store
 
 
 @dataclass(eq=False)
@@ -31,6 +32,8 @@ class Gateway:
     requests_failed: int = 0
     group_turns: dict[str, int] = field(default_factory=dict)
     tasks: set[asyncio.Task[Any]] = field(default_factory=set)
+    store: Store = field(default_factory=MemoryStore)
+    """State several gateway processes may share (rate buckets, counters, a cache): see gateway/store.py."""
     _http: aiohttp.ClientSession | None = None
 
     def __post_init__(self) -> None:

@@ -269,3 +269,22 @@ async def test_existing_registrations_keep_their_names(start_gateway: StartGatew
     assert [s["name"] for s in listed["servers"]] == ["h.example:8000"]
     again = await _call("POST", second.url + "/admin/register", {"endpoint_url": "http://h.example", "models": ["m"]})
     assert again[0] == 200 and again[1]["name"] == "h.example:8000"
+
+
+async def test_max_concurrency_is_registered_kept_and_shown(
+    start_backend: StartBackend, start_gateway: StartGateway
+) -> None:
+    backend = await start_backend()
+    gateway = await start_gateway(
+        backends=[{"name": "cfg", "url": backend.url, "models": ["echo"], "max_concurrency": 2}]
+    )
+    other = await start_backend()
+    async with aiohttp.ClientSession(headers=ADMIN) as session:
+        body = {"endpoint_url": other.url, "models": ["echo"], "max_concurrency": 1}
+        async with session.post(gateway.url + "/admin/register", json=body) as response:
+            assert response.status == 201 and (await response.json())["max_concurrency"] == 1
+        async with session.post(gateway.url + "/admin/register", json={**body, "max_concurrency": 0}) as response:
+            assert response.status == 400 and "max_concurrency" in (await response.json())["error"]["message"]
+        async with session.get(gateway.url + "/admin/servers") as response:
+            shown = {s["name"]: s["max_concurrency"] for s in (await response.json())["servers"]}
+    assert shown["cfg"] == 2 and sorted(shown.values()) == [1, 2]

@@ -1,0 +1,30 @@
+"""The in-process store: token buckets, counters and values with expiry."""
+
+from __future__ import annotations
+
+import asyncio
+
+from gateway.store import MemoryStore
+
+
+async def test_a_bucket_refills_at_its_rate_and_gives_back() -> None:
+    store = MemoryStore()
+    assert await store.take("k", 2, rate=10, capacity=2) == 0.0
+    wait = await store.take("k", 1, rate=10, capacity=2)
+    assert 0.05 < wait <= 0.1  # one token at 10 a second
+    await asyncio.sleep(wait + 0.01)
+    assert await store.take("k", 1, rate=10, capacity=2) == 0.0
+    assert await store.take("k", -5, rate=10, capacity=2) == 0.0  # a refund never overfills
+    assert 1.9 < await store.peek("k", rate=10, capacity=2) <= 2
+
+
+async def test_counters_and_values_expire() -> None:
+    store = MemoryStore()
+    assert await store.add("c", 1.5) == 1.5 and await store.add("c", 1) == 2.5
+    assert await store.add("t", 1, ttl=0.05) == 1
+    await store.set("v", b"x", ttl=0.05)
+    assert await store.get("v") == b"x"
+    await asyncio.sleep(0.06)
+    assert await store.get("v") is None and await store.add("t", 1) == 1
+    await store.delete("c")
+    assert await store.add("c", 0) == 0
