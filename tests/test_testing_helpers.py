@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import re
 import textwrap
+from dataclasses import fields
 from pathlib import Path
 
 import pytest
 
-from gateway.testing import ADMIN, FakeBackend
+from gateway.testing import ADMIN, MODES, FakeBackend
 from tests.conftest import StartBackend, StartGateway, closed_port_url, eventually
 
 LAST_NAME_FIRST = """
@@ -61,3 +63,12 @@ async def test_a_config_file_is_loaded_with_its_plugins_and_the_fakes_replace_it
     assert len(second.seen) == 2 and not first.seen
     servers = await gateway.get("/admin/servers", headers=ADMIN)  # the fixtures' admin key replaces the file's
     assert servers.status == 200
+
+
+def test_the_docs_describe_every_fake_backend_mode_and_only_real_fields() -> None:
+    docs = (Path(__file__).resolve().parents[1] / "docs" / "plugins.md").read_text()
+    section = docs[docs.index("### The fake backend and its failure modes") :]
+    rows = [line for line in section.splitlines() if line.startswith("| `")]
+    named = {name for row in rows for name in re.findall(r"`(\w+)[=`]", row.split("|")[1])}
+    assert named <= {f.name for f in fields(FakeBackend)}, named
+    assert {mode for mode in MODES if f'`mode="{mode}"`' in section} == set(MODES)
