@@ -79,7 +79,15 @@ def cmd_plugins(args: argparse.Namespace) -> int:
     width = max(len(i.name) for i in infos)
     for info in infos:
         state = "enabled " if info.enabled else "disabled"
-        print(f"{info.name:<{width}}  {state}  {info.source}\n{'':<{width}}  hooks: {', '.join(info.hooks) or '-'}")
+        details = [f"hooks: {', '.join(info.hooks) or '-'}"]
+        if info.strategies:
+            details.append(f"strategies: {', '.join(info.strategies)}")
+        if info.options:
+            shown = ", ".join(f"{key}={json.dumps(value, default=str)}" for key, value in info.options.items())
+            details.append(f"{'options' if info.enabled else 'defaults'}: {shown}")
+        print(f"{info.name:<{width}}  {state}  {info.source}")
+        for line in details:
+            print(f"{'':<{width}}  {line}")
     return 0
 
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -130,3 +132,26 @@ def test_infinite_timeouts_are_refused() -> None:
     problems = _problems({"routing": {"ttft_timeout": float("inf"), "stall_timeout": float("nan")}})
     assert "routing.ttft_timeout: must be a finite number, got inf" in problems
     assert "routing.stall_timeout: must be a finite number, got nan" in problems
+
+
+def test_plugins_command_shows_strategies_and_effective_options(tmp_path: Path) -> None:
+    (tmp_path / "gateway.yaml").write_text(
+        "storage: {sqlite: ./gateway.db}\n"
+        "routing: {strategy: rendezvous}\n"
+        "plugins:\n  health: {interval: 2.5}\n  ./my_strategy.py: {}\n"
+    )
+    shutil.copy(ROOT / "docs/examples/my_strategy.py", tmp_path)
+    result = _cli("plugins", "--config", str(tmp_path / "gateway.yaml"))
+    assert result.returncode == 0, result.stderr
+    blocks = {
+        block.split()[0]: [line.strip() for line in block.split("\n")]
+        for block in re.split(r"\n(?=\S)", result.stdout.strip())
+    }
+    mine = blocks["./my_strategy.py"]
+    assert mine[0].split()[1:3] == ["enabled", "file"]
+    assert mine[1:] == ["hooks: register_strategies", "strategies: rendezvous"]
+    health = blocks["health"]
+    assert health[2].startswith("options: interval=2.5, timeout=5.0,") and 'path="/v1/models"' in health[2]
+    least_latency = blocks["least_latency"]
+    assert least_latency[0].split()[1] == "disabled"
+    assert least_latency[2:] == ["strategies: least_latency", "defaults: alpha=0.3, explore=0.05, failure_penalty=10.0"]
