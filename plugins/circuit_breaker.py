@@ -57,6 +57,7 @@ class Plugin:
     def __init__(self, options: Options | None = None) -> None:
         self.options = options or Options()
         self.circuits: dict[tuple[str, str], Circuit] = {}  # (backend id, endpoint) -> its circuit
+        self.moved_at: dict[str, float] = {}  # backend id -> perf_counter() when it last moved to a new URL
 
     def _circuit(self, backend: Backend, endpoint: str) -> Circuit:
         circuit = self.circuits.get((backend.id, endpoint))
@@ -107,10 +108,19 @@ class Plugin:
             if circuit.trial == call.request_id:
                 circuit.trial = None
 
+    @hookimpl
+    def backend_status_changed(self, backend: Backend, event: str, reason: str | None) -> None:
+        """A backend that moved to a new URL (a restarted tunnel) starts with closed circuits."""
+        if event == "updated" and "url" in (reason or "").split(", "):
+            self.moved_at[backend.id] = time.perf_counter()
+            for key in [k for k in self.circuits if k[0] == backend.id]:
+                del self.circuits[key]
+            backend.notes.pop("circuit", None)
+
     def _observe(self, call: Call, attempt: Attempt, now: float) -> None:
+        if attempt.outcome == "client_gone" or attempt.started < self.moved_at.get(attempt.backend.id, 0.0):
+            return  # the client left, or the try went to the address the backend has since left
         circuit = self._circuit(attempt.backend, call.endpoint)
-        if attempt.outcome == "client_gone":
-            return
         if attempt.status == 429:
             circuit.busy_until = now + (attempt.retry_after or self.options.cooldown)
         else:

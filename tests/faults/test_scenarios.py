@@ -87,7 +87,6 @@ async def test_restart_on_a_new_url_with_put_moves_traffic(lab: Any) -> None:
         outcome = await running
     record("4. backend restarts on a new URL, re-registers with PUT", outcome)
     assert outcome.failed == 0, outcome.errors[:3]
-    print("SERVERS", await gateway.servers())
     assert (await moved.control())["seen"] > 10
 
 
