@@ -17,7 +17,7 @@ from aiohttp import web
 
 from gateway.call import Call, parse_body, request_id_of
 from gateway.errors import GatewayError
-from gateway.handler import authenticate
+from gateway.handler import authenticate, observe, send
 from gateway.routing import PluginFailed, model_chain, route
 from gateway.state import GATEWAY, Gateway
 
@@ -41,8 +41,8 @@ async def explain(request: web.Request) -> web.Response:
             500, f"{exc}; fix the plugin (requests meanwhile skip it)", code="plugin_failed"
         ).to_response({"X-Request-ID": request_id})
     call.status = response.status
-    if gateway.plugins.request_complete:
-        await gateway.plugins.call_logged(gateway.plugins.request_complete, "request_complete_failed", call)
+    await send(call, response)
+    observe(gateway, call)
     return response
 
 
