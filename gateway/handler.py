@@ -32,7 +32,7 @@ def proxy(endpoint: str) -> Handler:
         request_id = request_id_of(request)
         try:
             identity = await authenticate(gateway, request)
-            body = await request.read()
+            body = await read_body(request)
             data = parse_body(body)
         except GatewayError as exc:
             call = Call(gateway, request, request_id, endpoint, b"", {})
@@ -54,6 +54,17 @@ async def authenticate(gateway: Gateway, request: web.Request) -> Any:
         return None
     answered = await gateway.plugins.call_first(gateway.plugins.authenticate, request, gateway)
     return answered[1] if answered else None
+
+
+async def read_body(request: web.Request) -> bytes:
+    """The request's body, decoded as its Content-Encoding says; one that does not decode is a 400."""
+    try:
+        return await request.read()
+    except web.RequestPayloadError as exc:
+        encoding = shown(request.headers.get("Content-Encoding", "none"), 40)
+        raise GatewayError(
+            400, f"the request body could not be read (Content-Encoding: {encoding}): {shown(str(exc).strip(), 120)}"
+        ) from None
 
 
 async def serve(gateway: Gateway, call: Call) -> web.StreamResponse:
