@@ -17,7 +17,7 @@ from aiohttp import web
 
 from gateway.call import Call, parse_body, request_id_of
 from gateway.errors import GatewayError
-from gateway.handler import authenticate
+from gateway.handler import authenticate, observe, read_body, send
 from gateway.routing import PluginFailed, model_chain, route
 from gateway.state import GATEWAY, Gateway
 
@@ -28,7 +28,7 @@ async def explain(request: web.Request) -> web.Response:
     call = Call(gateway, request, request_id, "route/explain", b"", {})
     try:
         identity = await authenticate(gateway, request)
-        body = await request.read()
+        body = await read_body(request)
         call = Call(gateway, request, request_id, "chat/completions", body, parse_body(body))
         call.identity, call.dry_run = identity, True
         response = web.json_response(await _decide(gateway, call))
@@ -41,8 +41,8 @@ async def explain(request: web.Request) -> web.Response:
             500, f"{exc}; fix the plugin (requests meanwhile skip it)", code="plugin_failed"
         ).to_response({"X-Request-ID": request_id})
     call.status = response.status
-    if gateway.plugins.request_complete:
-        await gateway.plugins.call_logged(gateway.plugins.request_complete, "request_complete_failed", call)
+    await send(call, response)
+    observe(gateway, call)
     return response
 
 

@@ -32,13 +32,14 @@ def proxy(endpoint: str) -> Handler:
         request_id = request_id_of(request)
         try:
             identity = await authenticate(gateway, request)
-            body = await request.read()
+            body = await read_body(request)
             data = parse_body(body)
         except GatewayError as exc:
             call = Call(gateway, request, request_id, endpoint, b"", {})
             call.status, call.error = exc.status, exc.message
-            response = exc.to_response({"X-Request-ID": request_id})
-            await _finish(gateway, call, response)
+            gateway.requests_total += 1
+            response = await send(call, exc.to_response({"X-Request-ID": request_id}))
+            _finish(gateway, call, response)
             return response
         call = Call(gateway, request, request_id, endpoint, body, data)
         call.identity = identity
@@ -53,6 +54,17 @@ async def authenticate(gateway: Gateway, request: web.Request) -> Any:
         return None
     answered = await gateway.plugins.call_first(gateway.plugins.authenticate, request, gateway)
     return answered[1] if answered else None
+
+
+async def read_body(request: web.Request) -> bytes:
+    """The request's body, decoded as its Content-Encoding says; one that does not decode is a 400."""
+    try:
+        return await request.read()
+    except web.RequestPayloadError as exc:
+        encoding = shown(request.headers.get("Content-Encoding", "none"), 40)
+        raise GatewayError(
+            400, f"the request body could not be read (Content-Encoding: {encoding}): {shown(str(exc).strip(), 120)}"
+        ) from None
 
 
 async def serve(gateway: Gateway, call: Call) -> web.StreamResponse:
@@ -77,17 +89,17 @@ async def serve(gateway: Gateway, call: Call) -> web.StreamResponse:
         response = _error(call, exc)
     except asyncio.CancelledError:
         call.client_disconnected = True
-        gateway.start_task(_finish(gateway, call, None), name=f"request-complete-{call.request_id}")
+        _finish(gateway, call, None)
         raise
     except CLIENT_GONE:
         call.client_disconnected = True
     except Exception as exc:
         call.error = f"{type(exc).__name__}: {shown(str(exc), 200)}"
-        gateway.log.exception("request_crashed", request_id=call.request_id)
+        gateway.log.exception("request_crashed", request_id=call.request_id, plugin=call.tags.get("answered_by"))
         response = await _after_crash(call)
     if response is not None and not response.prepared:
-        response = await _send(call, response)
-    await _finish(gateway, call, response)
+        response = await send(call, response)
+    _finish(gateway, call, response)
     return response if response is not None else web.Response(status=499)
 
 
@@ -110,7 +122,7 @@ async def _after_crash(call: Call) -> web.StreamResponse | None:
     return response
 
 
-async def _send(call: Call, response: web.StreamResponse) -> web.StreamResponse | None:
+async def send(call: Call, response: web.StreamResponse) -> web.StreamResponse:
     """Write an unsent response now, so that observers run after the client has it."""
     if "X-Request-ID" not in response.headers:
         response.headers["X-Request-ID"] = call.request_id
@@ -122,7 +134,7 @@ async def _send(call: Call, response: web.StreamResponse) -> web.StreamResponse 
     return response
 
 
-async def _finish(gateway: Gateway, call: Call, response: web.StreamResponse | None) -> None:
+def _finish(gateway: Gateway, call: Call, response: web.StreamResponse | None) -> None:
     """Record what the client got, log the request line, then tell the observers."""
     if response is not None and not call.client_disconnected:
         call.status = response.status
@@ -132,8 +144,15 @@ async def _finish(gateway: Gateway, call: Call, response: web.StreamResponse | N
     if failed:
         gateway.requests_failed += 1
     _log_line(gateway, call, failed)
+    observe(gateway, call)
+
+
+def observe(gateway: Gateway, call: Call) -> None:
+    """Run the ``request_complete`` observers in a task of their own: a slow one never holds up the
+    client (nor its next request on the connection), and a client that hangs up never cancels them."""
     if gateway.plugins.request_complete:
-        await gateway.plugins.call_logged(gateway.plugins.request_complete, "request_complete_failed", call)
+        observing = gateway.plugins.call_logged(gateway.plugins.request_complete, "request_complete_failed", call)
+        gateway.start_task(observing, name=f"request-complete-{call.request_id}")
 
 
 def _log_line(gateway: Gateway, call: Call, failed: bool) -> None:

@@ -14,7 +14,8 @@ import structlog
 from aiohttp.http_exceptions import HttpProcessingError
 
 REDACTED = "[redacted]"
-_SECRET_KEY = re.compile(r"(api[_-]?key|authorization|token|secret|password)", re.IGNORECASE)
+# "token" but not "*_tokens": token counts (prompt_tokens, max_tokens) are numbers worth logging.
+_SECRET_KEY = re.compile(r"(api[_-]?key|authorization|token(?!s)|secret|password)", re.IGNORECASE)
 _BEARER = re.compile(r"(Bearer\s+)[^\s\"',]+", re.IGNORECASE)
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
 

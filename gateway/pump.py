@@ -114,6 +114,7 @@ async def replay(call: Call, source: ChunkSource, headers: Mapping[str, str]) ->
     response = web.StreamResponse(status=source.status, headers={**source.headers, **headers})
     call.status = source.status
     await response.prepare(call.request)
+    call.response = response  # from here on, an error can only end this response, never start another
     call.first_byte_at = call.first_byte_at or time.perf_counter()
     if isinstance(source.chunks, AsyncIterable):
         async for chunk in source.chunks:

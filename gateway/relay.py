@@ -66,8 +66,9 @@ async def relay(gateway: Gateway, call: Call) -> web.StreamResponse:
                 return await _attempt(gateway, call, backend, headers, deadline)
             except BackendFailed as failed:
                 passed_on = failed.response or passed_on
-    if passed_on is not None:
-        return passed_on  # the last backend's own 5xx or 429
+    if passed_on is not None:  # the last backend's own 5xx or 429: the call failed, though it has an answer
+        call.error = "; ".join(f"{a.backend.name}: {a.reason}" for a in call.failures)
+        return passed_on
     call.backend = None
     if not call.attempts and refusals:
         raise refusals[0]  # nothing was even tried: unknown model, or all unhealthy

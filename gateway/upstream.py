@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import email.utils
+import os
 import time
 from collections.abc import Awaitable
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -170,4 +171,8 @@ def describe(exc: BaseException) -> str:
 
 
 def _os_reason(exc: aiohttp.ClientOSError) -> str:
-    return exc.strerror or type(exc).__name__
+    """The OS's words for the error ("Connection refused"): asyncio's own text carries the address."""
+    if isinstance(exc, aiohttp.ClientConnectorDNSError):
+        return "its host name does not resolve"
+    code = exc.os_error.errno if isinstance(exc, aiohttp.ClientConnectorError) else exc.errno
+    return os.strerror(code) if code and code > 0 else type(exc).__name__
