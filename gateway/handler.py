@@ -9,6 +9,7 @@ can only end its stream with an error event.
 from __future__ import annotations
 
 import asyncio
+import inspect
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -148,11 +149,31 @@ def _finish(gateway: Gateway, call: Call, response: web.StreamResponse | None) -
 
 
 def observe(gateway: Gateway, call: Call) -> None:
-    """Run the ``request_complete`` observers in a task of their own: a slow one never holds up the
-    client (nor its next request on the connection), and a client that hangs up never cancels them."""
-    if gateway.plugins.request_complete:
-        observing = gateway.plugins.call_logged(gateway.plugins.request_complete, "request_complete_failed", call)
-        gateway.start_task(observing, name=f"request-complete-{call.request_id}")
+    """Tell the ``request_complete`` observers, once the client has its answer.
+
+    Synchronous observers run here and now (nothing can interrupt them); async ones are awaited
+    in a task of their own, so a slow one never holds up the client (nor its next request on the
+    connection) and a client that hangs up never cancels them.
+    """
+    pending: list[tuple[str, Awaitable[Any]]] | None = None
+    for plugin, fn in gateway.plugins.request_complete:
+        try:
+            result = fn(call)
+        except Exception:
+            gateway.plugins.log.exception("request_complete_failed", plugin=plugin, request_id=call.request_id)
+            continue
+        if result is not None and inspect.isawaitable(result):
+            pending = [*(pending or []), (plugin, result)]
+    if pending:
+        gateway.start_task(_await_observers(gateway, call, pending), name=f"request-complete-{call.request_id}")
+
+
+async def _await_observers(gateway: Gateway, call: Call, pending: list[tuple[str, Awaitable[Any]]]) -> None:
+    for plugin, awaitable in pending:
+        try:
+            await awaitable
+        except Exception:
+            gateway.plugins.log.exception("request_complete_failed", plugin=plugin, request_id=call.request_id)
 
 
 def _log_line(gateway: Gateway, call: Call, failed: bool) -> None:

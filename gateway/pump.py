@@ -140,6 +140,9 @@ def body_usage(body: bytes) -> dict[str, Any] | None:
     start = body.find(b"{", at, at + 32)
     if start < 0:
         return None
+    end = body.find(b"}", start)  # usage is flat but for *_details objects: stop at its first closing brace
+    if end > 0 and body.find(b"{", start + 1, end) < 0:
+        return _object_at(body[start : end + 1])
     return _object_at(body[start : start + 4096])
 
 
@@ -148,9 +151,12 @@ def stream_usage(chunk: bytes) -> dict[str, Any] | None:
     return body_usage(chunk)
 
 
+_DECODER = json.JSONDecoder()
+
+
 def _object_at(data: bytes) -> dict[str, Any] | None:
     try:
-        value, _ = json.JSONDecoder().raw_decode(data.decode("utf-8", "replace"))
+        value, _ = _DECODER.raw_decode(data.decode("utf-8", "replace"))
     except ValueError:
         return None
     if isinstance(value, dict) and all(isinstance(v, int | float | dict | None) for v in value.values()):

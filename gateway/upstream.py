@@ -111,8 +111,10 @@ async def read_bounded(
     length = upstream.content_length
     if length is not None and length > limit:
         raise BackendFailed("bad_answer", f"its answer is {length} bytes, over {setting} ({limit})")
-    loop = asyncio.get_running_loop()
     content = upstream.content
+    if content.is_eof() and content.total_bytes <= limit:  # all of it is here already (small, on a LAN): no wait
+        return content.read_nowait()
+    loop = asyncio.get_running_loop()
     parts: list[bytes] = []
     size = 0
     while True:

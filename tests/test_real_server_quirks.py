@@ -146,3 +146,15 @@ async def test_an_unknown_path_under_v1_lists_the_endpoints_served(start_gateway
     assert "/v1/responses" in message and all(
         f"/v1/{e}" in message for e in ("chat/completions", "completions", "embeddings", "models")
     )
+
+
+def test_the_gateways_request_ids_are_version_4_uuids() -> None:
+    import uuid
+
+    from gateway.call import new_id
+
+    ids = {new_id() for _ in range(2000)}
+    assert len(ids) == 2000
+    for value in ids:
+        parsed = uuid.UUID(value)
+        assert (str(parsed), parsed.version, parsed.variant) == (value, 4, uuid.RFC_4122)

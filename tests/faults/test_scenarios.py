@@ -87,7 +87,9 @@ async def test_restart_on_a_new_url_with_put_moves_traffic(lab: Any) -> None:
         outcome = await running
     record("4. backend restarts on a new URL, re-registers with PUT", outcome)
     assert outcome.failed == 0, outcome.errors[:3]
-    assert (await moved.control())["seen"] > 10
+    after = await load(gateway.url, count=60, concurrency=4)  # traffic has moved, whatever the timing under load
+    assert after.failed == 0, after.errors[:3]
+    assert (await moved.control())["seen"] >= 20
 
 
 async def test_a_flapping_backend_costs_no_request(lab: Any) -> None:
