@@ -256,11 +256,11 @@ async def announce(app: web.Application, port: int) -> None:
         plugins=sorted(gateway.plugins.sources),
         database=str(config.database_path),
     )
-    if not is_loopback(host):
+    if not is_loopback(host) and not gateway.plugins.authenticate:
         gateway.log.warning(
             "gateway_reachable_from_network",
             listen=f"{host}:{port}",
-            message="anyone who can reach this port can use the models; enable an auth plugin when one is available",
+            message="anyone who can reach this port can use the models; enable the auth plugin (docs/classroom.md)",
         )
 
 

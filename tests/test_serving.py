@@ -106,6 +106,19 @@ def test_on_loopback_there_is_no_network_warning(procs: list[Proc], tmp_path: Pa
     assert "gateway_reachable_from_network" not in proc.output()
 
 
+def test_with_client_authentication_there_is_no_network_warning(procs: list[Proc], tmp_path: Path) -> None:
+    port = free_port()
+    (tmp_path / "who.py").write_text(
+        "from gateway import hookimpl\n\n@hookimpl\ndef authenticate(request):\n    return None\n"
+    )
+    config = _config(tmp_path, port)
+    config.write_text(config.read_text() + "plugins: {./who.py: {}}\n")
+    proc = Proc(["serve", "--config", str(config), "--host", "0.0.0.0"], tmp_path)
+    procs.append(proc)
+    proc.wait_ready(f"http://127.0.0.1:{port}/health")
+    assert "gateway_started" in proc.output() and "gateway_reachable_from_network" not in proc.output()
+
+
 def test_sigterm_lets_a_stream_in_flight_finish(procs: list[Proc], tmp_path: Path) -> None:
     backend_port, port = _demo(procs, tmp_path, delay=0.05), free_port()
     proc = Proc(["serve", "--config", str(_config(tmp_path, port, backend_port))], tmp_path)
