@@ -64,6 +64,7 @@ class Attempt:
 
 
 Listener = Callable[[bytes], None]
+ChunkFilter = Callable[[bytes], bytes]
 
 
 class Call:
@@ -85,6 +86,7 @@ class Call:
         "error",
         "explain",
         "fallbacks",
+        "filters",
         "first_byte_at",
         "gateway",
         "identity",
@@ -141,6 +143,7 @@ class Call:
         self.chunks = 0
         self.usage: dict[str, Any] | None = None  # the answer's OpenAI ``usage``, when it reported one
         self.listeners: list[Listener] | None = None
+        self.filters: list[ChunkFilter] | None = None
         self.response: web.StreamResponse | None = None  # the client's response once it is prepared
         self.response_headers: dict[str, str] = {}  # extra headers for the client's answer
         self.route = ""  # the strategy that ordered the candidates
@@ -166,6 +169,17 @@ class Call:
         if self.listeners is None:
             self.listeners = []
         self.listeners.append(listener)
+
+    def filter_chunks(self, chunk_filter: ChunkFilter) -> None:
+        """Pass every chunk of this call's streamed answer through ``chunk_filter(chunk) -> bytes`` before it is sent.
+
+        A filter receives whole SSE events (one or more per chunk) and returns what to send instead;
+        ``b""`` drops the chunk. ``call.usage`` is read before filtering, listeners see the filtered
+        chunks. Costs nothing for calls without filters. A filter that raises is detached and logged.
+        """
+        if self.filters is None:
+            self.filters = []
+        self.filters.append(chunk_filter)
 
     @property
     def failures(self) -> list[Attempt]:

@@ -133,7 +133,7 @@ def _capabilities(value: dict[str, float]) -> str | None:
 
 @dataclass(frozen=True)
 class ModelProfile:
-    """What a model is good at and what it costs, for task-aware routing."""
+    """What a model is good at and what it costs: for task-aware routing and the usage plugin's spend."""
 
     capabilities: dict[str, float] = field(
         default_factory=dict,
@@ -143,8 +143,14 @@ class ModelProfile:
         },
     )
     tier: Literal["small", "medium", "large"] | None = field(default=None, metadata={"doc": "rough size class"})
-    cost_per_1k_prompt_tokens: float = 0.0
-    cost_per_1k_completion_tokens: float = 0.0
+    cost_per_1k_prompt_tokens: float = field(
+        default=0.0, metadata={"doc": "price of 1000 prompt tokens (any unit; keys' budgets use the same)"}
+    )
+    cost_per_1k_completion_tokens: float = field(default=0.0, metadata={"doc": "price of 1000 completion tokens"})
+    cost_per_second: float = field(
+        default=0.0,
+        metadata={"doc": "price of one second of backend time, for self-hosted models (GPU time, not tokens)"},
+    )
 
 
 @dataclass(frozen=True)

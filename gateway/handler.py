@@ -100,6 +100,7 @@ async def serve(gateway: Gateway, call: Call) -> web.StreamResponse:
         response = await _after_crash(call)
     if response is not None and not response.prepared:
         response = await send(call, response)
+    call.response = call.response or response  # observers may read a JSON answer's bytes: call.response.body
     _finish(gateway, call, response)
     return response if response is not None else web.Response(status=499)
 

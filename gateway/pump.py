@@ -38,14 +38,35 @@ class ChunkSource:
 
 
 async def write(response: web.StreamResponse, call: Call, chunk: bytes) -> None:
-    """Send one chunk to the client and let the call's listeners see it."""
+    """Send one chunk to the client (through the call's filters) and let the call's listeners see it."""
+    if _USAGE_MARK in chunk:
+        call.usage = stream_usage(chunk) or call.usage
+    if call.filters:
+        chunk = _filtered(call, chunk)
+        if not chunk:
+            return
     await response.write(chunk)
     call.bytes_out += len(chunk)
     call.chunks += 1
-    if _USAGE_MARK in chunk:
-        call.usage = stream_usage(chunk) or call.usage
     if call.listeners:
         _tell(call, chunk)
+
+
+def _filtered(call: Call, chunk: bytes) -> bytes:
+    assert call.filters is not None
+    for chunk_filter in list(call.filters):
+        try:
+            chunk = chunk_filter(chunk)
+        except Exception:
+            call.filters.remove(chunk_filter)
+            log.exception("chunk_filter_failed", request_id=call.request_id, filter=_name(chunk_filter))
+        if not chunk:
+            return b""
+    return chunk
+
+
+def _name(fn: object) -> str:
+    return f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', fn)}"
 
 
 def _tell(call: Call, chunk: bytes) -> None:
@@ -55,8 +76,7 @@ def _tell(call: Call, chunk: bytes) -> None:
             listener(chunk)
         except Exception:
             call.listeners.remove(listener)
-            name = f"{getattr(listener, '__module__', '?')}.{getattr(listener, '__qualname__', listener)}"
-            log.exception("chunk_listener_failed", request_id=call.request_id, listener=name)
+            log.exception("chunk_listener_failed", request_id=call.request_id, listener=_name(listener))
 
 
 async def pump(

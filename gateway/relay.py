@@ -237,7 +237,8 @@ async def _stream(
     try:
         while True:
             stall = attempt.backend.stall_timeout or routing.stall_timeout
-            failure = await pump(response, call, upstream.content, chunk, stall, resume is not None)
+            whole_events = resume is not None or call.filters is not None  # filters see whole events
+            failure = await pump(response, call, upstream.content, chunk, stall, whole_events)
             attempt.ended = perf_counter()
             if failure is None:
                 attempt.backend.served += 1

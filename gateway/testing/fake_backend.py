@@ -76,6 +76,7 @@ class FakeBackend:
     listed_models: list[str] | None = None  # what GET /v1/models lists, if not ``models``
     metrics_text: str = ""  # what GET /metrics answers (Prometheus text), e.g. vLLM's queue
     cancelled: int = 0
+    stream_usage: bool = True  # honour stream_options.include_usage (llama.cpp's server does not: False)
     url: str = ""  # set once it listens: http://127.0.0.1:PORT (no /v1)
 
     def __post_init__(self) -> None:
@@ -167,6 +168,10 @@ class FakeBackend:
         await response.write(
             b"data: " + json.dumps(chunk_body(kind, body["model"], "", chunk_id, "stop")).encode() + b"\n\n"
         )
+        if self.stream_usage and (body.get("stream_options") or {}).get("include_usage"):
+            usage = completion_body(kind, body["model"], " ".join(words), prompt_text(body))["usage"]
+            last = {**chunk_body(kind, body["model"], "", chunk_id), "choices": [], "usage": usage}
+            await response.write(b"data: " + json.dumps(last).encode() + b"\n\n")
         await response.write(b"data: [DONE]\n\n")
         await response.write_eof()
         return response

@@ -1,0 +1,145 @@
+"""Response cache: an identical deterministic request is answered from memory, streams replayed event for event.
+
+The key is a hash of the endpoint, the model and the normalised request (every field but
+``user`` and ``metadata``, keys sorted), and the caller's key id with ``per_key: true``. By
+default only deterministic requests are cached (``temperature: 0`` or a ``seed``). A streamed
+answer is recorded from the chunk tee as the client got it and replayed as a ``ChunkSource``; an
+answer that failed, was cut or is not a 200 is never kept. ``Cache-Control: no-cache`` from the
+client skips the lookup (the fresh answer replaces the entry); ``no-store`` skips both. Every
+answer carries ``X-Multiverse-Cache: hit|miss|bypass`` and the tag ``cache`` for other plugins.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from aiohttp import web
+
+from gateway import hookimpl
+from gateway.call import Call
+from gateway.pump import ChunkSource
+from gateway.state import Gateway
+from gateway.upstream import call_headers
+from gateway.validate import positive
+from plugins._cache_entries import Entry, MemoryLRU
+
+_IGNORED = ("user", "metadata")
+_HEADER = "X-Multiverse-Cache"
+
+
+@dataclass(frozen=True)
+class Options:
+    backend: Literal["memory", "store"] = field(
+        default="memory", metadata={"doc": "memory: this process, an LRU; store: gateway.store (Redis when set)"}
+    )
+    max_mb: float = field(default=64.0, metadata={"doc": "memory backend: size limit in MB", "check": positive})
+    max_entry_mb: float = field(
+        default=1.0, metadata={"doc": "answers larger than this are not cached", "check": positive}
+    )
+    ttl: float = field(default=3600.0, metadata={"doc": "seconds an answer stays valid", "check": positive})
+    per_key: bool = field(default=False, metadata={"doc": "keep each API key's answers apart"})
+    only_deterministic: bool = field(default=True, metadata={"doc": "cache only requests with temperature 0 or a seed"})
+    endpoints: list[str] = field(
+        default_factory=lambda: ["chat/completions", "completions", "embeddings"],
+        metadata={"doc": "endpoints whose answers are cached"},
+    )
+
+
+class Plugin:
+    def __init__(self, options: Options | None = None) -> None:
+        self.options = options or Options()
+        self.memory = MemoryLRU(int(self.options.max_mb * 2**20))
+        self.max_entry = int(self.options.max_entry_mb * 2**20)
+        self.store: Any = None
+        self.hits = self.misses = 0
+
+    @hookimpl
+    def startup(self, gateway: Gateway) -> None:
+        if self.options.backend == "store":
+            self.store = gateway.store
+
+    @hookimpl(tryfirst=True)
+    def before_request(self, call: Call) -> None:
+        """Decide before any plugin changes the body: the key is the request as the client sent it."""
+        if call.dry_run or call.endpoint not in self.options.endpoints:
+            return
+        control = call.request.headers.get("Cache-Control", "").lower()
+        if "no-store" in control or (self.options.only_deterministic and not _deterministic(call.json)):
+            _tag(call, "bypass")
+            return
+        call.state["cache.key"] = self.key(call)
+        if "no-cache" in control:
+            _tag(call, "bypass")
+            call.state["cache.refresh"] = True
+            self._record(call)
+
+    def key(self, call: Call) -> str:
+        body = {k: v for k, v in call.json.items() if k not in _IGNORED}
+        who = getattr(call.identity, "key_id", None) if self.options.per_key else None
+        text = json.dumps([call.endpoint, who, body], sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+        return "cache:" + hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=20).hexdigest()
+
+    @hookimpl
+    async def answer_request(self, call: Call) -> web.Response | ChunkSource | None:
+        key = call.state.get("cache.key")
+        if key is None or call.state.get("cache.refresh"):
+            return None
+        entry = await self._get(key)
+        if entry is None or entry.stream != call.stream:
+            self.misses += 1
+            _tag(call, "miss")
+            self._record(call)
+            return None
+        self.hits += 1
+        _tag(call, "hit")
+        call.usage = entry.usage
+        if entry.stream:
+            return ChunkSource(entry.chunks, status=200, headers={"Content-Type": "text/event-stream"})
+        return web.Response(body=entry.chunks[0], headers={**call_headers(call), "Content-Type": "application/json"})
+
+    def _record(self, call: Call) -> None:
+        if call.stream:
+            recorded = call.state["cache.chunks"] = []
+            call.on_chunk(recorded.append)
+
+    async def _get(self, key: str) -> Entry | None:
+        if self.store is None:
+            return self.memory.get(key)
+        raw = await self.store.get(key)
+        return Entry.decode(raw) if raw is not None else None
+
+    @hookimpl
+    async def request_complete(self, call: Call) -> None:
+        key = call.state.get("cache.key")
+        if key is None or call.tags.get("cache") == "hit" or call.backend is None:
+            return
+        if call.status != 200 or call.error is not None or call.client_disconnected:
+            return  # a failed, cut or refused answer is never kept
+        if call.stream:
+            chunks = tuple(call.state.get("cache.chunks", ()))
+            if not chunks or not chunks[-1].rstrip().endswith(b"[DONE]"):
+                return  # a stream that did not finish as OpenAI's do
+        else:
+            body = getattr(call.response, "body", None)
+            if not isinstance(body, bytes):
+                return
+            chunks = (body,)
+        entry = Entry(call.stream, chunks, call.usage)
+        if entry.size > self.max_entry:
+            return
+        if self.store is None:
+            self.memory.put(key, entry, self.options.ttl)
+        else:
+            await self.store.set(key, entry.encode(), ttl=self.options.ttl)
+
+
+def _deterministic(body: dict[str, Any]) -> bool:
+    return body.get("temperature") == 0 or body.get("seed") is not None
+
+
+def _tag(call: Call, outcome: str) -> None:
+    call.tags["cache"] = outcome
+    call.response_headers[_HEADER] = outcome

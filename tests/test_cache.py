@@ -1,0 +1,155 @@
+"""The cache plugin: exact-match hits, streams replayed event for event, what is never cached, LRU and store."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import aiohttp
+import openai
+import pytest
+
+from gateway.store import MemoryStore
+from plugins._cache_entries import Entry, MemoryLRU
+from tests.conftest import StartBackend, StartGateway
+
+IDENTITY = "tests.bearer_identity"
+ASK: dict[str, Any] = {
+    "model": "echo",
+    "messages": [{"role": "user", "content": "the same question"}],
+    "temperature": 0,
+}
+
+
+def client(gateway: Any, key: str = "alice") -> openai.AsyncOpenAI:
+    return openai.AsyncOpenAI(base_url=gateway.base_url, api_key=key, max_retries=0)
+
+
+async def ask(gateway: Any, key: str = "alice", headers: dict[str, str] | None = None, **body: Any) -> tuple[str, str]:
+    """(the answer's text, its X-Multiverse-Cache header)."""
+    raw = await client(gateway, key).chat.completions.with_raw_response.create(
+        **{**ASK, **body}, extra_headers=headers or {}
+    )
+    answer = raw.parse()
+    return answer.choices[0].message.content or "", raw.headers["X-Multiverse-Cache"]
+
+
+async def test_a_second_identical_deterministic_request_is_a_hit_and_the_backend_is_not_called(
+    start_backend: StartBackend, start_gateway: StartGateway
+) -> None:
+    backend = await start_backend()
+    gateway = await start_gateway(backend, plugins={"cache": {}})
+    first, second = await ask(gateway), await ask(gateway)
+    assert first == ("the same question", "miss") and second == ("the same question", "hit")
+    assert len(backend.seen) == 1
+    assert await ask(gateway, user="someone else") == ("the same question", "hit")  # 'user' is not in the key
+    assert (await ask(gateway, temperature=0.5))[1] == "bypass"  # not deterministic
+    assert (await ask(gateway, temperature=0.5, seed=7))[1] == "miss"  # a seed makes it so
+    assert len(backend.seen) == 3
+
+
+async def test_a_stream_hit_replays_the_same_events(start_backend: StartBackend, start_gateway: StartGateway) -> None:
+    backend = await start_backend(chunks=5)
+    gateway = await start_gateway(backend, plugins={"cache": {}, "usage": {}})
+
+    async def raw_stream() -> tuple[bytes, str]:
+        async with (
+            aiohttp.ClientSession() as session,
+            session.post(gateway.base_url + "/chat/completions", json={**ASK, "stream": True}) as response,
+        ):
+            return await response.read(), response.headers["X-Multiverse-Cache"]
+
+    (live, first), (replayed, second) = await raw_stream(), await raw_stream()
+    assert (first, second) == ("miss", "hit") and replayed == live and len(backend.seen) == 1
+
+    sdk_live = await client(gateway).chat.completions.create(**ASK, stream=True, seed=1)
+    live_chunks = [c.model_dump() async for c in sdk_live]
+    sdk_hit = await client(gateway).chat.completions.create(**ASK, stream=True, seed=1)
+    assert [c.model_dump() async for c in sdk_hit] == live_chunks and len(backend.seen) == 2
+    assert "".join(c["choices"][0]["delta"].get("content") or "" for c in live_chunks) == "w0 w1 w2 w3 w4"
+    assert all(c["usage"] is None for c in live_chunks)  # the usage event the usage plugin asked for stays hidden
+
+
+async def test_a_stream_cut_mid_way_is_never_cached(start_backend: StartBackend, start_gateway: StartGateway) -> None:
+    backend = await start_backend(chunks=5, mode="die_after", die_after=2)
+    gateway = await start_gateway(backend, plugins={"cache": {}})
+    with pytest.raises(openai.APIError):
+        async for _ in await client(gateway).chat.completions.create(**ASK, stream=True):
+            pass
+    backend.mode = "ok"
+    raw = await client(gateway).chat.completions.with_raw_response.create(**ASK, stream=True)
+    assert raw.headers["X-Multiverse-Cache"] == "miss"
+    assert len([c async for c in raw.parse()]) > 0 and len(backend.seen) == 2
+    assert (await ask(gateway, stream=False))[1] == "miss"  # a stream's entry never answers a plain request
+
+
+async def test_no_cache_bypasses_and_refreshes_no_store_leaves_it_alone(
+    start_backend: StartBackend, start_gateway: StartGateway
+) -> None:
+    backend = await start_backend()
+    gateway = await start_gateway(backend, plugins={"cache": {}})
+    assert (await ask(gateway, headers={"Cache-Control": "no-store"}))[1] == "bypass"
+    assert (await ask(gateway))[1] == "miss"  # no-store kept nothing
+    assert (await ask(gateway, headers={"Cache-Control": "no-cache"}))[1] == "bypass"
+    assert (await ask(gateway))[1] == "hit"
+    assert len(backend.seen) == 3
+
+
+async def test_per_key_keeps_each_keys_answers_apart(start_backend: StartBackend, start_gateway: StartGateway) -> None:
+    backend = await start_backend()
+    gateway = await start_gateway(backend, plugins={IDENTITY: {}, "cache": {"per_key": True}})
+    assert [(await ask(gateway, key))[1] for key in ("alice", "bob", "alice", "bob")] == ["miss", "miss", "hit", "hit"]
+    assert len(backend.seen) == 2
+
+
+async def test_the_store_backend_keeps_answers_in_gateway_store(
+    start_backend: StartBackend, start_gateway: StartGateway
+) -> None:
+    backend = await start_backend(chunks=3)
+    gateway = await start_gateway(backend, plugins={"cache": {"backend": "store", "ttl": 60}})
+    assert isinstance(gateway.state.store, MemoryStore)
+    assert [(await ask(gateway))[1] for _ in range(2)] == ["miss", "hit"]
+    sdk = await client(gateway).chat.completions.create(**ASK, stream=True)
+    live = [c.model_dump() async for c in sdk]
+    sdk = await client(gateway).chat.completions.create(**ASK, stream=True)
+    assert [c.model_dump() async for c in sdk] == live and len(backend.seen) == 2
+    plugin = gateway.state.plugins.pm.get_plugin("cache")
+    assert len(plugin.memory) == 0 and len(gateway.state.store._values) == 2  # type: ignore[attr-defined]
+
+
+async def test_a_hit_is_recorded_in_usage_with_its_tokens_and_no_cost(
+    start_backend: StartBackend, start_gateway: StartGateway
+) -> None:
+    prices = {"echo": {"cost_per_1k_prompt_tokens": 1.0, "cost_per_second": 10.0}}
+    gateway = await start_gateway(
+        await start_backend(), plugins={IDENTITY: {}, "cache": {}, "usage": {}}, models=prices
+    )
+    await ask(gateway), await ask(gateway)
+    plugin = gateway.state.plugins.pm.get_plugin("usage")
+    await plugin.flush()
+    async with gateway.state.registry.db.execute(
+        "SELECT cache_hit, prompt_tokens, cost, backend, backend_seconds FROM usage_requests ORDER BY id"
+    ) as cursor:
+        miss, hit = [tuple(r) for r in await cursor.fetchall()]
+    assert miss[0] == 0 and miss[2] > 3 / 1000 and miss[3] == "b0" and miss[4] > 0
+    assert hit == (1, 3, 0.0, None, 0.0)
+
+
+def test_the_memory_lru_evicts_the_least_recently_used_by_size() -> None:
+    lru = MemoryLRU(max_bytes=3 * (1000 + 256))
+    entries = {k: Entry(False, (k.encode() * 1000,), None) for k in "abcd"}
+    for k in "abc":
+        lru.put(k, entries[k], ttl=60)
+    assert lru.get("a") is entries["a"]  # a is now the most recent
+    lru.put("d", entries["d"], ttl=60)
+    assert ("b" in lru, "a" in lru, "c" in lru, "d" in lru) == (False, True, True, True)
+    assert lru.bytes == 3 * entries["a"].size and lru.evictions == 1
+    lru.put("huge", Entry(False, (b"x" * 10_000,), None), ttl=60)
+    assert "huge" not in lru and len(lru) == 3
+    lru.put("gone", entries["a"], ttl=-1)
+    assert lru.get("gone") is None
+
+
+def test_an_entry_round_trips_through_bytes_and_a_damaged_value_is_refused() -> None:
+    entry = Entry(True, (b"data: 1\n\n", b"", b"data: [DONE]\n\n"), {"prompt_tokens": 1})
+    assert Entry.decode(entry.encode()) == entry
+    assert Entry.decode(entry.encode()[:-3]) is None and Entry.decode(b"\x80garbage") is None
