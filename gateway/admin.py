@@ -156,7 +156,8 @@ async def register(request: web.Request, gateway: Gateway, caller: Identity) -> 
                 )
         except sqlite3.IntegrityError:
             raise _url_taken(url.url) from None
-    await record(gateway, caller, "updated" if existing else "registered", backend, fields=sorted(fields))
+    given = sorted(_given_fields(body))
+    await record(gateway, caller, "updated" if existing else "registered", backend, fields=given)
     gateway.log.info(
         "backend_registered", registration_id=backend.id, backend=backend.name, models=list(backend.models)
     )
