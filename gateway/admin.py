@@ -1,4 +1,8 @@
-"""The admin API: register, update, list and remove backends; stats. Needs the admin key."""
+"""The admin API: register, update, list and remove backends; stats.
+
+Each route names the roles it allows besides the admin (see admin_auth.allow); a host key
+works on its own registrations only (admin_owners).
+"""
 
 from __future__ import annotations
 
@@ -11,13 +15,15 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from gateway.admin_auth import REGISTRATION_LIMIT, TokenBuckets, admin_only, limit_registrations
+from gateway.admin_auth import REGISTRATION_LIMIT, TokenBuckets, allow, limit_registrations
 from gateway.admin_auth import resolve_admin_key as resolve_admin_key
+from gateway.admin_owners import approve, audit_trail, check_owner, record, status_for
 from gateway.config import GatewayConfig, ModelProfile, _http_url
 from gateway.errors import GatewayError
+from gateway.identity import Identity
 from gateway.jsonbody import parse_object, read_object
 from gateway.netguard import BackendURL, check_backend_url
-from gateway.registry import STATUSES, Backend
+from gateway.registry import PENDING, STATUSES, Backend
 from gateway.state import Gateway
 from gateway.validate import ValidationError, build, positive
 
@@ -122,25 +128,36 @@ def _url_taken(url: str) -> GatewayError:
     return GatewayError(409, f"{url} is already registered; GET /admin/servers lists it", param="endpoint_url")
 
 
-@admin_only
-async def register(request: web.Request, gateway: Gateway) -> web.Response:
+@allow("host")
+async def register(request: web.Request, gateway: Gateway, caller: Identity) -> web.Response:
     limit_registrations(request, gateway)
     body: Registration = _validated(Registration, await read_object(request))
     if body.endpoint_url is None:
         raise GatewayError(400, "endpoint_url: required (the base URL of your server)", param="endpoint_url")
     url: BackendURL = await check_backend_url(body.endpoint_url, gateway.config.admin.allow_private_backends)
-    _existing(gateway, url.url)  # refuse early, before asking the backend for its models
+    existing = _existing(gateway, url.url)  # refuse early, before asking the backend for its models
+    if existing is not None:
+        check_owner(caller, existing)
     models = _models_of(body) or await discover_models(gateway, url.url, body.api_key)
+    status = status_for(gateway, caller, models)
     fields = _given_fields(body)
     async with gateway.registry.lock:  # discovery awaited: check again, and write before anyone else checks
         existing = _existing(gateway, url.url)
         try:
             if existing is not None:  # registering again is idempotent: refresh the registration
+                check_owner(caller, existing)
                 backend = await gateway.registry.update(existing, {"models": models, **fields})
+                if status == PENDING and backend.status != PENDING:
+                    await gateway.registry.approve(backend, pending=True)
             else:
-                backend = await gateway.registry.add(url.url, models, fields.pop("name", None), **fields)
+                name = fields.pop("name", None)
+                backend = await gateway.registry.add(
+                    url.url, models, name, owner_key=caller.key_id, status=status, **fields
+                )
         except sqlite3.IntegrityError:
             raise _url_taken(url.url) from None
+    given = sorted(_given_fields(body))
+    await record(gateway, caller, "updated" if existing else "registered", backend, fields=given)
     gateway.log.info(
         "backend_registered", registration_id=backend.id, backend=backend.name, models=list(backend.models)
     )
@@ -148,13 +165,18 @@ async def register(request: web.Request, gateway: Gateway) -> web.Response:
     if url.note:
         answer["warnings"] = [url.note]
         gateway.log.info("backend_url_normalised", registration_id=backend.id, note=url.note)
+    if backend.status == PENDING:
+        answer.setdefault("warnings", []).append(
+            f"pending: it takes no traffic until an admin approves it (POST /admin/register/{backend.id}/approve)"
+        )
     return web.json_response(answer, status=200 if existing is not None else 201)
 
 
-def _registered(gateway: Gateway, registration_id: str) -> Backend:
+def _registered(gateway: Gateway, registration_id: str, caller: Identity) -> Backend:
     backend = gateway.registry.backends.get(registration_id)
     if backend is None:
         raise GatewayError(404, f"no registration with id '{registration_id}'; GET /admin/servers lists them")
+    check_owner(caller, backend)
     if backend.read_only:
         raise GatewayError(
             403, f"backend '{backend.name}' comes from the config file and is read-only; edit gateway.yaml"
@@ -162,9 +184,9 @@ def _registered(gateway: Gateway, registration_id: str) -> Backend:
     return backend
 
 
-@admin_only
-async def update(request: web.Request, gateway: Gateway) -> web.Response:
-    backend = _registered(gateway, request.match_info["registration_id"])
+@allow("host")
+async def update(request: web.Request, gateway: Gateway, caller: Identity) -> web.Response:
+    backend = _registered(gateway, request.match_info["registration_id"], caller)
     limit_registrations(request, gateway)
     body: Registration = _validated(Registration, await read_object(request))
     changes = _given_fields(body)
@@ -177,6 +199,8 @@ async def update(request: web.Request, gateway: Gateway) -> web.Response:
         changes["models"] = models
     if not changes:
         raise GatewayError(400, "nothing to update; send any of: " + ", ".join(vars(body)))
+    recheck = "url" in changes or "models" in changes  # a host's new address or models: approved again
+    status = status_for(gateway, caller, changes.get("models", backend.models)) if recheck else None
     async with gateway.registry.lock:
         other = gateway.registry.by_url(url.url) if url is not None else None
         if url is not None and other is not None and other is not backend:
@@ -187,6 +211,9 @@ async def update(request: web.Request, gateway: Gateway) -> web.Response:
             await gateway.registry.update(backend, changes)
         except sqlite3.IntegrityError:
             raise _url_taken(changes["url"]) from None
+        if status == PENDING and backend.status != PENDING:
+            await gateway.registry.approve(backend, pending=True)
+    await record(gateway, caller, "updated", backend, fields=sorted(changes))
     gateway.log.info("backend_updated", registration_id=backend.id, fields=sorted(changes))
     answer = backend.public()
     if url is not None and url.note:
@@ -194,16 +221,19 @@ async def update(request: web.Request, gateway: Gateway) -> web.Response:
     return web.json_response(answer)
 
 
-@admin_only
-async def deregister(request: web.Request, gateway: Gateway) -> web.Response:
-    backend = _registered(gateway, request.match_info["registration_id"])
+@allow("host")
+async def deregister(request: web.Request, gateway: Gateway, caller: Identity) -> web.Response:
+    backend = _registered(gateway, request.match_info["registration_id"], caller)
     await gateway.registry.remove(backend)
+    await record(gateway, caller, "removed", backend, owner_key=backend.owner_key)
     gateway.log.info("backend_removed", registration_id=backend.id, backend=backend.name)
     return web.json_response({"registration_id": backend.id, "deleted": True})
 
 
-@admin_only
-async def servers(request: web.Request, gateway: Gateway) -> web.Response:
+@allow("host", "readonly")
+async def servers(request: web.Request, gateway: Gateway, caller: Identity) -> web.Response:
+    """Every backend; a host key sees only its own."""
+    mine = caller.role == "host"
     model = request.query.get("model")
     status = request.query.get("status")
     if status is not None and status not in STATUSES:
@@ -211,13 +241,15 @@ async def servers(request: web.Request, gateway: Gateway) -> web.Response:
     found = [
         b.public()
         for b in gateway.registry.backends.values()
-        if (model is None or model in b.models) and (status is None or b.status == status)
+        if (model is None or model in b.models)
+        and (status is None or b.status == status)
+        and (not mine or b.owner_key == caller.key_id)
     ]
     return web.json_response({"servers": found, "count": len(found)})
 
 
-@admin_only
-async def stats(request: web.Request, gateway: Gateway) -> web.Response:
+@allow("readonly")
+async def stats(request: web.Request, gateway: Gateway, caller: Identity) -> web.Response:
     models: dict[str, dict[str, int]] = {}
     by_status = dict.fromkeys(STATUSES, 0)
     for backend in gateway.registry.backends.values():
@@ -242,3 +274,5 @@ def add_routes(app: web.Application, config: GatewayConfig) -> None:
     app.router.add_delete("/admin/register/{registration_id}", deregister)
     app.router.add_get("/admin/servers", servers)
     app.router.add_get("/admin/stats", stats)
+    app.router.add_post("/admin/register/{registration_id}/approve", approve)
+    app.router.add_get("/admin/audit", audit_trail)

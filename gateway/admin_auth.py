@@ -1,4 +1,8 @@
-"""Who may use the admin API: the admin key, how a presented key is checked, and the rate of registrations."""
+"""Who may use the admin API: the admin key, roles per route, how a presented key is checked, the rate of registrations.
+
+The config's admin key is a superuser. Any other key is identified through the ``authenticate``
+hook (the ``auth`` plugin), and each route says which roles it allows (``@allow("host")``).
+"""
 
 from __future__ import annotations
 
@@ -13,9 +17,15 @@ from aiohttp import web
 
 from gateway.config import MIN_ADMIN_KEY_LENGTH, ConfigError, GatewayConfig
 from gateway.errors import GatewayError
+from gateway.handler import authenticate
+from gateway.identity import Identity
 from gateway.state import GATEWAY, Gateway
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+RoleHandler = Callable[[web.Request, Gateway, Identity], Awaitable[web.StreamResponse]]
+
+ADMIN = Identity("admin", "admin", role="admin")
+"""Whoever presents the config's admin key."""
 
 
 def resolve_admin_key(config: GatewayConfig, log: Any) -> str:
@@ -70,19 +80,20 @@ REGISTRATION_LIMIT = web.AppKey("registration_limit", TokenBuckets)
 
 def limit_registrations(request: web.Request, gateway: Gateway) -> None:
     """429 once the presented admin key has used up its registrations for now."""
-    wait = request.app[REGISTRATION_LIMIT].take(_presented_key(request) or "")
+    wait = request.app[REGISTRATION_LIMIT].take(presented_key(request) or "")
     if wait:
         per_minute = gateway.config.admin.registrations_per_minute
         raise GatewayError(
             429,
-            f"too many registrations: at most {per_minute} a minute per admin key "
+            f"too many registrations: at most {per_minute} a minute per key "
             f"(admin.registrations_per_minute); retry in {wait:.0f} s",
             code="rate_limit_exceeded",
             headers={"Retry-After": str(max(1, round(wait)))},
         )
 
 
-def _presented_key(request: web.Request) -> str | None:
+def presented_key(request: web.Request) -> str | None:
+    """The key the caller sent: ``X-API-Key``, else ``Authorization: Bearer`` (as the OpenAI SDK sends it)."""
     given = request.headers.get("X-API-Key")
     if given is None:
         auth = request.headers.get("Authorization", "")
@@ -91,7 +102,7 @@ def _presented_key(request: web.Request) -> str | None:
 
 
 def _authorized(request: web.Request, key: str) -> bool:
-    given = _presented_key(request)
+    given = presented_key(request)
     if given is None:
         return False
     try:  # aiohttp reads header bytes that are not UTF-8 as surrogate escapes: compare those same bytes
@@ -101,21 +112,49 @@ def _authorized(request: web.Request, key: str) -> bool:
     return hmac.compare_digest(presented, key.encode())
 
 
-def admin_only(handler: Callable[[web.Request, Gateway], Awaitable[web.StreamResponse]]) -> Handler:
-    async def guarded(request: web.Request) -> web.StreamResponse:
-        gateway = request.app[GATEWAY]
-        if not _authorized(request, gateway.admin_key):
-            missing = "X-API-Key" not in request.headers and "Authorization" not in request.headers
-            reason = "is missing" if missing else "is not valid"
-            return GatewayError(
-                401,
-                f"the admin key {reason}; send it as 'X-API-Key: <key>' or 'Authorization: Bearer <key>' "
-                f"(admin.api_key in the config, or the file {gateway.config.admin_key_path.name} beside the database)",
-                code="invalid_admin_key",
-            ).to_response()
-        try:
-            return await handler(request, gateway)
-        except GatewayError as exc:
-            return exc.to_response()
+def allow(*roles: str) -> Callable[[RoleHandler], Handler]:
+    """An admin route that the config's admin key and keys with one of ``roles`` (plus ``admin``) may call."""
+    allowed = ("admin", *roles)
 
-    return guarded
+    def decorate(handler: RoleHandler) -> Handler:
+        async def guarded(request: web.Request) -> web.StreamResponse:
+            gateway = request.app[GATEWAY]
+            try:
+                caller = await _caller(request, gateway)
+                if caller.role not in allowed:
+                    route = request.match_info.route.resource
+                    path = route.canonical if route is not None else request.path
+                    raise GatewayError(
+                        403,
+                        f"a key with role '{caller.role}' may not use {request.method} {path}; it needs role "
+                        f"{' or '.join(allowed)} (ask the gateway's admin for such a key)",
+                        code="insufficient_role",
+                    )
+                return await handler(request, gateway, caller)
+            except GatewayError as exc:
+                return exc.to_response()
+
+        guarded.roles = allowed  # type: ignore[attr-defined]
+        return guarded
+
+    return decorate
+
+
+admin_only = allow()
+
+
+async def _caller(request: web.Request, gateway: Gateway) -> Identity:
+    """Who calls the admin API: the admin key, else an identity with a role from the ``authenticate`` hook."""
+    if _authorized(request, gateway.admin_key):
+        return ADMIN
+    identity = await authenticate(gateway, request) if gateway.plugins.authenticate else None
+    if isinstance(identity, Identity):
+        return identity
+    missing = "X-API-Key" not in request.headers and "Authorization" not in request.headers
+    reason = "is missing" if missing else "is not valid"
+    raise GatewayError(
+        401,
+        f"the admin key {reason}; send it as 'X-API-Key: <key>' or 'Authorization: Bearer <key>' "
+        f"(admin.api_key in the config, or the file {gateway.config.admin_key_path.name} beside the database)",
+        code="invalid_admin_key",
+    )

@@ -7,7 +7,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 UNKNOWN, HEALTHY, UNHEALTHY, MISMATCHED = "unknown", "healthy", "unhealthy", "mismatched"
-STATUSES = (HEALTHY, UNHEALTHY, UNKNOWN, MISMATCHED)
+PENDING = "pending"
+"""Waiting for an admin's approval (admin.approve_registrations): no traffic, no probes."""
+STATUSES = (HEALTHY, UNHEALTHY, UNKNOWN, MISMATCHED, PENDING)
 ROUTABLE = frozenset({UNKNOWN, HEALTHY})
 """Statuses a request may be routed to; an unprobed backend is given the benefit of the doubt."""
 
@@ -33,6 +35,7 @@ class Backend:
     weight: float = 1.0
     max_concurrency: int | None = None  # requests it works on at once (a llama.cpp server: 1); None: no limit
     profile: dict[str, Any] | None = None  # capabilities, tier, costs of its models (see ModelProfile)
+    owner_key: str | None = None  # id of the key that registered it ("admin": the config's admin key)
     status: str = UNKNOWN
     last_error: str | None = None
     status_since: float = field(default_factory=time.time)
@@ -68,6 +71,7 @@ class Backend:
             "read_only": self.read_only,
             "owner_name": self.owner_name,
             "owner_email": self.owner_email,
+            "owner_key": self.owner_key,
             "description": self.description,
             "has_api_key": self.api_key is not None,
             **{name: getattr(self, name) for name in TIMEOUTS},

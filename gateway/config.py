@@ -93,7 +93,18 @@ class AdminConfig:
         default=500, metadata={"doc": "most backends that may be registered at once", "check": positive}
     )
     registrations_per_minute: int = field(
-        default=60, metadata={"doc": "registrations and updates one admin key may make per minute", "check": positive}
+        default=60, metadata={"doc": "registrations and updates one key may make per minute", "check": positive}
+    )
+    protected_models: list[str] = field(
+        default_factory=list,
+        metadata={
+            "doc": "models only backends the admin registered or approved may serve "
+            "(every model of a backend in this file is protected too)"
+        },
+    )
+    approve_registrations: bool = field(
+        default=False,
+        metadata={"doc": "a host key's new backend waits as 'pending' (no traffic) until an admin approves it"},
     )
 
 
@@ -237,6 +248,11 @@ class GatewayConfig:
     @property
     def database_path(self) -> Path:
         return self.resolve(self.storage.sqlite)
+
+    @property
+    def protected_models(self) -> frozenset[str]:
+        """admin.protected_models and every model of a backend in this file."""
+        return frozenset(self.admin.protected_models).union(*(b.models for b in self.backends))
 
     @property
     def admin_key_path(self) -> Path:

@@ -17,9 +17,11 @@ from typing import Any
 
 import aiosqlite
 
+from gateway import audit
 from gateway.backend import (
     HEALTHY,
     MISMATCHED,
+    PENDING,
     ROUTABLE,
     STATUSES,
     TIMEOUTS,
@@ -32,7 +34,10 @@ from gateway.logs import get_logger
 from gateway.netguard import normalise_url
 from gateway.private_files import create_private, sqlite_files, tighten
 
-__all__ = ["HEALTHY", "MISMATCHED", "ROUTABLE", "STATUSES", "TIMEOUTS", "UNHEALTHY", "UNKNOWN", "Backend", "Registry"]
+__all__ = [
+    "HEALTHY", "MISMATCHED", "PENDING", "ROUTABLE", "STATUSES", "TIMEOUTS", "UNHEALTHY", "UNKNOWN",
+    "Backend", "Registry",
+]  # fmt: skip
 
 RELOAD_INTERVAL = 0.5
 """Seconds between checks whether another process (a second gateway, an import) changed the database."""
@@ -63,6 +68,7 @@ _ADDED_COLUMNS = {
     "weight": "REAL NOT NULL DEFAULT 1.0",
     "profile": "TEXT",
     "max_concurrency": "INTEGER",
+    "owner_key": "TEXT",  # who registered it: not editable through the API
 }
 EDITABLE = (
     "name",
@@ -139,7 +145,7 @@ class Registry:
         self._keep_files_private()  # the -wal and -shm files exist from here on
         await self._db.execute("PRAGMA synchronous=NORMAL")
         await self._db.execute("PRAGMA busy_timeout=5000")
-        await self._db.executescript(_SCHEMA)
+        await self._db.executescript(_SCHEMA + audit.SCHEMA)
         async with self._db.execute("PRAGMA table_info(backends)") as cursor:
             present = {row["name"] async for row in cursor}
         for column, kind in _ADDED_COLUMNS.items():
@@ -151,7 +157,8 @@ class Registry:
             async for row in cursor:
                 backend = Backend(
                     row["id"], row["name"], _canonical(row["url"]), tuple(json.loads(row["models"])), "api",
-                    last_error=row["last_error"], created_at=row["created_at"],
+                    last_error=row["last_error"], created_at=row["created_at"], owner_key=row["owner_key"],
+                    status=PENDING if row["status"] == PENDING else UNKNOWN,
                     **{name: _column(name, row[name]) for name in EDITABLE[3:]},
                 )  # fmt: skip
                 self.backends[backend.id] = backend
@@ -251,12 +258,16 @@ class Registry:
                 known.name, known.models = row["name"], tuple(json.loads(row["models"]))
                 for name, value in fields.items():
                     setattr(known, name, value)
+                if PENDING in (known.status, row["status"]):  # approved (or sent back) by another process
+                    known.status = row["status"]
                 fresh[known.id] = known
                 continue
             fresh[row["id"]] = Backend(
                 row["id"], row["name"], url, tuple(json.loads(row["models"])), "api",
-                status=row["status"] if known is None else UNKNOWN, last_error=row["last_error"],
-                status_since=row["status_since"] or time.time(), created_at=row["created_at"], **fields,
+                status=row["status"] if known is None or row["status"] == PENDING else UNKNOWN,
+                last_error=row["last_error"],
+                status_since=row["status_since"] or time.time(), created_at=row["created_at"],
+                owner_key=row["owner_key"], **fields,
             )  # fmt: skip
         self.backends.clear()
         self.backends.update(fresh)
@@ -264,8 +275,13 @@ class Registry:
 
     # -- writes: SQLite first, then memory -------------------------------------
 
-    async def add(self, url: str, models: Iterable[str], name: str | None = None, **fields: Any) -> Backend:
-        """Register a backend; ``fields`` are other EDITABLE ones (owner, api_key, timeouts).
+    async def add(
+        self, url: str, models: Iterable[str], name: str | None = None, *, owner_key: str | None = None,
+        status: str = UNKNOWN, **fields: Any,
+    ) -> Backend:  # fmt: skip
+        """Register a backend for ``owner_key``; ``fields`` are other EDITABLE ones (owner, api_key, timeouts).
+
+        ``status`` is UNKNOWN (routable until probed) or PENDING (waits for ``approve``).
 
         ValueError if ``url`` cannot be a backend's URL (netguard.normalise_url says why).
         """
@@ -273,13 +289,26 @@ class Registry:
         url = normalise_url(url).url
         backend_id = uuid.uuid4().hex
         backend = Backend(backend_id, name or _default_name(backend_id), url, tuple(models), "api", created_at=now)
+        backend.owner_key, backend.status = owner_key, status
         for key, value in fields.items():
             if key not in EDITABLE:
                 raise ValueError(f"not a backend field: {key}")
             setattr(backend, key, value)
-        columns = ("id", "name", "url", "models", *EDITABLE[3:], "status", "status_since", "created_at", "updated_at")
+        columns = (
+            "id",
+            "name",
+            "url",
+            "models",
+            *EDITABLE[3:],
+            "owner_key",
+            "status",
+            "status_since",
+            "created_at",
+            "updated_at",
+        )
         values = (backend.id, backend.name, backend.url, json.dumps(backend.models),
-                  *(_value(c, getattr(backend, c)) for c in EDITABLE[3:]), backend.status, now, now, now)  # fmt: skip
+                  *(_value(c, getattr(backend, c)) for c in EDITABLE[3:]),
+                  owner_key, status, now, now, now)  # fmt: skip
         await self.db.execute(
             f"INSERT INTO backends ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))})", values
         )
@@ -305,7 +334,7 @@ class Registry:
             await self.db.commit()
         for key in columns:
             setattr(backend, key, changes[key])
-        if "url" in columns:
+        if "url" in columns and backend.status != PENDING:
             backend.status, backend.last_error, backend.status_since = UNKNOWN, None, time.time()
         self._reindex()
         self._changed(backend, "updated", ", ".join(sorted(columns)))
@@ -318,8 +347,14 @@ class Registry:
         self._reindex()
         self._changed(backend, "removed")
 
-    async def set_status(self, backend: Backend, status: str, error: str | None = None) -> None:
-        """Record a health transition (for a config backend, in memory only)."""
+    async def approve(self, backend: Backend, pending: bool = False) -> None:
+        """Let a pending backend take traffic (``pending=True``: send it back to wait for approval)."""
+        await self.set_status(backend, PENDING if pending else UNKNOWN, event="pending" if pending else "approved")
+
+    async def set_status(self, backend: Backend, status: str, error: str | None = None, event: str = "") -> None:
+        """Record a health transition (for a config backend, in memory only); a pending backend stays pending."""
+        if backend.status == PENDING and not event:
+            return  # a probe that was under way when it was registered
         now = time.time()
         if backend.source == "api" and backend.id in self.backends:
             await self.db.execute(
@@ -329,7 +364,7 @@ class Registry:
             await self.db.commit()
         backend.status, backend.last_error, backend.status_since = status, error, now
         self._reindex()
-        self._changed(backend, status, error)
+        self._changed(backend, event or status, error)
 
 
 def _default_name(backend_id: str) -> str:

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 import aiohttp
 
 from gateway import hookimpl
-from gateway.registry import HEALTHY, MISMATCHED, UNHEALTHY, Backend
+from gateway.registry import HEALTHY, MISMATCHED, PENDING, UNHEALTHY, Backend
 from gateway.validate import positive
 
 if TYPE_CHECKING:
@@ -67,7 +67,7 @@ class Plugin:
     async def probe_due(self, gateway: Gateway, now: float | None = None) -> None:
         """Probe, concurrently, every backend whose turn has come; each at most once."""
         now = time.monotonic() if now is None else now
-        backends = list(gateway.registry.backends.values())
+        backends = [b for b in gateway.registry.backends.values() if b.status != PENDING]  # not approved yet
         tracks = {}
         for backend in backends:  # a backend that moved to a new URL starts afresh
             track = self.tracks.get(backend.id)

@@ -165,10 +165,10 @@ async def test_servers_filters_and_stats(start_backend: StartBackend, start_gate
     await _call("POST", gateway.base_url + "/completions", {"model": "a", "prompt": "x"}, None)
     await _call("POST", gateway.base_url + "/completions", {"model": "b", "prompt": "x"}, None)  # only b1 serves b: 503
     _, stats = await _call("GET", gateway.url + "/admin/stats")
-    assert stats["servers"] == {"total": 2, "healthy": 0, "unhealthy": 1, "unknown": 1, "mismatched": 0}
+    assert stats["servers"] == {"total": 2, "healthy": 0, "unhealthy": 1, "unknown": 1, "mismatched": 0, "pending": 0}
     assert stats["models"] == {
-        "a": {"healthy": 0, "unhealthy": 1, "unknown": 1, "mismatched": 0},
-        "b": {"healthy": 0, "unhealthy": 1, "unknown": 0, "mismatched": 0},
+        "a": {"healthy": 0, "unhealthy": 1, "unknown": 1, "mismatched": 0, "pending": 0},
+        "b": {"healthy": 0, "unhealthy": 1, "unknown": 0, "mismatched": 0, "pending": 0},
     }
     assert stats["requests"] == {"total": 2, "failed": 1}
 

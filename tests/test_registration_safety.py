@@ -95,7 +95,7 @@ async def test_registrations_are_rate_limited_per_key(start_backend: StartBacken
         )
         statuses.append(status)
     assert statuses == [201, 201, 429]
-    assert "at most 2 a minute per admin key" in body["error"]["message"]
+    assert "at most 2 a minute per key" in body["error"]["message"]
     assert int(headers["Retry-After"]) >= 1
 
 
