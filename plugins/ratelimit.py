@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING
 
 from gateway import hookimpl
 from gateway.errors import GatewayError
+from gateway.identity import Identity
 from gateway.validate import positive
 from plugins.fair_share import FairQueue, Waiter
 
@@ -144,12 +145,12 @@ class Plugin:
             address = call.request.remote or "unknown"
             ticket = Ticket(f"anon:{address}", f"anonymous client {address}")
             return ticket, o.anonymous_rpm, o.anonymous_tpm, o.anonymous_max_concurrency, False
-        key_id, name = getattr(identity, "key_id", str(identity)), getattr(identity, "name", str(identity))
-        rpm, tpm = getattr(identity, "rpm", None), getattr(identity, "tpm", None)
-        cap = getattr(identity, "max_concurrency", None)
-        ticket = Ticket(f"key:{key_id}", f"key '{name}'")
-        high = getattr(identity, "priority", "normal") == "high"
-        return ticket, rpm or o.rpm, tpm or o.tpm, cap or o.max_concurrency, high
+        if not isinstance(identity, Identity):  # another plugin's idea of a caller: its text is its key
+            ticket = Ticket(f"key:{identity}", f"key '{identity}'")
+            return ticket, o.rpm, o.tpm, o.max_concurrency, False
+        ticket = Ticket(f"key:{identity.key_id}", f"key '{identity.name}'")
+        rpm, tpm, cap = identity.rpm or o.rpm, identity.tpm or o.tpm, identity.max_concurrency or o.max_concurrency
+        return ticket, rpm, tpm, cap, identity.priority == "high"
 
     def _estimate(self, call: Call) -> float:
         body = call.json
@@ -163,10 +164,11 @@ class Plugin:
     # -- waiting for a backend slot ----------------------------------------------------------
 
     async def _wait_for_slot(self, call: Call, ticket: Ticket, high: bool) -> None:
+        if not len(self.queue):  # nobody waits: no turn to take
+            free, ticket.held = self._reserve(call.model)
+            if free:
+                return
         waiter = Waiter(ticket.key, call.model, high)
-        if not len(self.queue) and self._admit(waiter):  # nobody waits: no turn to take
-            ticket.held = waiter.slot
-            return
         self.queue.add(waiter)
         self.queue.dispatch(self._admit)
         admitted = False
@@ -191,26 +193,30 @@ class Plugin:
                 waiter.future.cancel()
 
     def _admit(self, waiter: Waiter) -> bool:
-        """Reserve a slot of a backend of the waiter's model, if one is free (and change nothing if not)."""
+        free, waiter.slot = self._reserve(waiter.model)
+        return free
+
+    def _reserve(self, model: str) -> tuple[bool, Backend | None]:
+        """Whether the model has room, and the backend whose slot was reserved (None: it has no limit).
+
+        Changes nothing when there is no room.
+        """
         gateway = self.gateway
-        backends = gateway.registry.for_model(waiter.model) if gateway else ()
+        backends = gateway.registry.for_model(model) if gateway else ()
         best: Backend | None = None
         room = 0
         for backend in backends:
             if backend.max_concurrency is None:
-                waiter.slot = UNLIMITED
-                return True
+                return True, UNLIMITED
             free = backend.max_concurrency - backend.in_flight - self.held.get(backend.id, 0)
             if free > room:
                 best, room = backend, free
         if not backends:
-            waiter.slot = UNLIMITED  # routing will say why nothing serves it
-            return True
+            return True, UNLIMITED  # routing will say why nothing serves it
         if best is None:
-            return False
+            return False, None
         self.held[best.id] = self.held.get(best.id, 0) + 1
-        waiter.slot = best
-        return True
+        return True, best
 
     def _release(self, backend: Backend | None) -> None:
         if backend is not None:
