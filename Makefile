@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 CONFIG ?= gateway.yaml
 
-.PHONY: run test lint schema bench clean
+.PHONY: run test redis-server lint schema bench clean
 
 $(BIN)/multiverse: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -16,7 +16,18 @@ run: $(BIN)/multiverse          ## start the gateway with gateway.yaml on embedd
 	$(BIN)/multiverse serve --config $(CONFIG)
 
 test: $(BIN)/multiverse         ## install what the tests need and run the whole suite
+	@command -v redis-server >/dev/null || $(MAKE) --no-print-directory redis-server
 	$(BIN)/python -m pytest -q
+
+redis-server:                   ## install redis-server, which the shared-state tests start (Debian/Ubuntu, as root)
+	@if command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+		apt-get install -y --no-install-recommends redis-server \
+		|| { apt-get update && apt-get install -y --no-install-recommends redis-server; }; \
+	else \
+		echo "redis-server is missing and cannot be installed here (needs apt-get as root): install it" \
+			"(apt-get install redis-server, brew install redis) and run make test again" >&2; \
+		exit 1; \
+	fi
 
 lint: $(BIN)/multiverse
 	$(BIN)/ruff check gateway plugins tests bench

@@ -16,6 +16,7 @@ from gateway.netguard import PublicOnlyResolver
 from gateway.plugins import Plugins
 from gateway.registry import Registry
 from gateway.state import GATEWAY, Gateway
+from gateway.store import Store
 
 ENDPOINTS = ("chat/completions", "completions", "embeddings")
 
@@ -79,6 +80,8 @@ async def error_envelope(
 async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     gateway = app[GATEWAY]
     routing = gateway.config.routing
+    if gateway.config.state.redis:
+        gateway.store = await _redis_store(gateway.config.state.redis)
     await gateway.registry.open()
     gateway.admin_key = admin.resolve_admin_key(gateway.config, gateway.log)
     resolver = None
@@ -100,6 +103,23 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
         await gateway.plugins.call_logged(gateway.plugins.impls("shutdown"), "shutdown_failed", gateway)
         await gateway._http.close()
         await gateway.registry.close()
+        await gateway.store.close()
+
+
+async def _redis_store(url: str) -> Store:
+    """The shared store of ``state.redis``; a start-up error naming the problem if Redis cannot be reached."""
+    from gateway.redis_store import RedisStore  # imported only by gateways that use Redis
+
+    store = RedisStore(url)
+    try:
+        await store.ping()
+    except Exception as exc:
+        await store.close()
+        where = urlsplit(url).netloc.rpartition("@")[2] or url.partition("?")[0]  # never a password
+        raise ConfigError(
+            [f"state.redis: cannot reach Redis at {where} ({type(exc).__name__}); start it, or remove state.redis"]
+        ) from None
+    return store
 
 
 def create_app(config: GatewayConfig) -> web.Application:

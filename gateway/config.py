@@ -74,6 +74,25 @@ class StorageConfig:
     )
 
 
+def _redis_url(value: str | None) -> str | None:
+    if value is None or value.startswith(("redis://", "rediss://", "unix://")):
+        return None
+    return f"must be a Redis URL such as redis://localhost:6379/0 (or rediss://, unix://), got {value!r}"
+
+
+@dataclass(frozen=True)
+class StateConfig:
+    """State several gateways must agree on: rate-limit buckets, concurrency, spend, the cache."""
+
+    redis: str | None = field(
+        default=None,
+        metadata={
+            "doc": "redis://host:port/db: gateways sharing it enforce one limit and one budget; unset: this process",
+            "check": _redis_url,
+        },
+    )
+
+
 @dataclass(frozen=True)
 class AdminConfig:
     """The admin API."""
@@ -228,6 +247,7 @@ class GatewayConfig:
     server: ServerConfig = field(default_factory=ServerConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
     admin: AdminConfig = field(default_factory=AdminConfig)
+    state: StateConfig = field(default_factory=StateConfig)
     backends: list[BackendConfig] = field(default_factory=list)
     routing: RoutingConfig = field(default_factory=RoutingConfig)
     models: dict[str, ModelProfile] = field(

@@ -14,11 +14,12 @@ from typing import Protocol
 class Store(Protocol):
     """Atomic operations on named values; every key a plugin uses starts with the plugin's name."""
 
-    async def take(self, key: str, amount: float, rate: float, capacity: float) -> float:
+    async def take(self, key: str, amount: float, rate: float, capacity: float, force: bool = False) -> float:
         """Take ``amount`` from a token bucket refilled at ``rate`` per second up to ``capacity``.
 
         Returns 0.0 if taken, else the seconds until ``amount`` will be there (nothing is taken then).
-        A negative ``amount`` gives tokens back (a correction once the real cost is known).
+        A negative ``amount`` gives tokens back (a correction once the real cost is known); with
+        ``force`` it is taken even if the bucket goes below zero (a debt the refill pays back).
         """
 
     async def peek(self, key: str, rate: float, capacity: float) -> float:
@@ -48,9 +49,9 @@ class MemoryStore:
         self._counters: dict[str, tuple[float, float | None]] = {}
         self._values: dict[str, tuple[bytes, float | None]] = {}
 
-    async def take(self, key: str, amount: float, rate: float, capacity: float) -> float:
+    async def take(self, key: str, amount: float, rate: float, capacity: float, force: bool = False) -> float:
         tokens, now = self._level(key, rate, capacity)
-        if amount <= tokens or amount <= 0:
+        if amount <= tokens or amount <= 0 or force:
             self._buckets[key] = (min(capacity, tokens - amount), now)
             return 0.0
         self._buckets[key] = (tokens, now)

@@ -1,0 +1,81 @@
+"""Fair sharing of scarce backend slots: per-key queues served in turn, so one busy key cannot starve the rest.
+
+Used by the ``ratelimit`` plugin; pure (no I/O, no clock), so it is tested on its own.
+Keys take turns (round robin over keys: deficit round robin with a quantum of one request);
+within a key, its requests keep their order. Keys of ``priority: high`` are served
+before all others. A key whose queue is empty keeps its place until its turn passes it
+by, so a client that sends one request at a time is not sent to the back of the line
+each time its previous answer comes back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import OrderedDict, deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(eq=False, slots=True)
+class Waiter:
+    """One queued request: whose it is, which model it waits for, and the future its admission resolves."""
+
+    key: str
+    model: str
+    high: bool = False
+    slot: Any = None  # what ``admit`` reserved for it
+    future: asyncio.Future[None] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
+
+
+class FairQueue:
+    """Waiting requests, per key, in the order their keys take turns."""
+
+    def __init__(self) -> None:
+        self._levels: tuple[OrderedDict[str, deque[Waiter]], ...] = (OrderedDict(), OrderedDict())  # high, normal
+
+    def __len__(self) -> int:
+        return sum(len(queue) for level in self._levels for queue in level.values())
+
+    def add(self, waiter: Waiter) -> None:
+        level = self._levels[0 if waiter.high else 1]
+        level.setdefault(waiter.key, deque()).append(waiter)
+
+    def remove(self, waiter: Waiter) -> None:
+        """Forget a waiter that gave up (timed out, or its client hung up); a no-op once admitted."""
+        queue = self._levels[0 if waiter.high else 1].get(waiter.key)
+        if queue is not None and waiter in queue:
+            queue.remove(waiter)
+
+    def waiting(self, key: str) -> int:
+        return sum(len(level.get(key, ())) for level in self._levels)
+
+    def dispatch(self, admit: Callable[[Waiter], bool]) -> int:
+        """Admit waiters in turn while ``admit(waiter)`` takes a slot for them; return how many were admitted.
+
+        ``admit`` must change nothing when it answers False.
+        """
+        admitted = 0
+        for level in self._levels:
+            while self._admit_one(level, admit):
+                admitted += 1
+            if not any(level.values()):
+                level.clear()  # nobody waits: places in the rotation no longer matter
+        return admitted
+
+    @staticmethod
+    def _admit_one(level: OrderedDict[str, deque[Waiter]], admit: Callable[[Waiter], bool]) -> bool:
+        passed_empty: list[str] = []
+        for key, queue in level.items():
+            if not queue:
+                passed_empty.append(key)
+                continue
+            for waiter in queue:
+                if admit(waiter):
+                    queue.remove(waiter)
+                    for empty in passed_empty:  # their turn came with nothing to send: they leave the rotation
+                        del level[empty]
+                    level.move_to_end(key)
+                    waiter.future.set_result(None)
+                    return True
+        return False

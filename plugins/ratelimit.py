@@ -1,0 +1,311 @@
+"""ratelimit: requests and tokens a minute per key, a per-key concurrency cap, and fair queues for busy backends.
+
+Limits come from the caller's key (``call.identity``: ``rpm``, ``tpm``, ``max_concurrency``),
+else from the options (``rpm``... for keys without their own, ``anonymous_*`` per client
+address). Both rates are token buckets in ``gateway.store``, so gateways sharing a Redis
+store enforce one limit. A request's tokens are estimated up front (body length /
+``chars_per_token`` plus ``max_tokens``) and corrected with the answer's real ``usage``.
+Answers carry OpenAI's ``x-ratelimit-*`` headers; a refusal is a 429 with ``Retry-After``.
+
+When every routable backend of the model is at its ``max_concurrency``, a request waits
+in its key's queue and keys take turns (``fair_share.FairQueue``); ``priority: high``
+keys go first; after ``max_queue_wait`` seconds it gets a 429. The slot is reserved
+before ``before_request`` returns and handed over to routing in ``filter_candidates``
+(where the relay takes it as ``in_flight`` without yielding), so two calls never race
+for one slot.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from gateway import hookimpl
+from gateway.errors import GatewayError
+from gateway.identity import Identity
+from gateway.validate import positive
+from plugins.fair_share import FairQueue, Waiter
+
+if TYPE_CHECKING:
+    from gateway.call import Call
+    from gateway.registry import Backend
+    from gateway.state import Gateway
+    from gateway.store import Store
+
+UNLIMITED = None
+
+
+@dataclass(frozen=True)
+class Options:
+    rpm: int | None = field(
+        default=None,
+        metadata={"doc": "requests a minute, for keys without their own rpm", "check": positive},
+    )
+    tpm: int | None = field(
+        default=None,
+        metadata={"doc": "tokens a minute, for keys without their own tpm", "check": positive},
+    )
+    max_concurrency: int | None = field(
+        default=None, metadata={"doc": "requests at once for keys without their own limit", "check": positive}
+    )
+    anonymous_rpm: int | None = field(
+        default=None, metadata={"doc": "requests a minute per client address, without a key", "check": positive}
+    )
+    anonymous_tpm: int | None = field(
+        default=None, metadata={"doc": "tokens a minute per client address, without a key", "check": positive}
+    )
+    anonymous_max_concurrency: int | None = field(
+        default=None, metadata={"doc": "requests at once per client address, without a key", "check": positive}
+    )
+    fair_queue: bool = field(
+        default=True, metadata={"doc": "queue per key, in turn, when every backend of the model is at max_concurrency"}
+    )
+    max_queue_wait: float = field(
+        default=30.0, metadata={"doc": "seconds a request may wait for a backend slot (429 beyond)", "check": positive}
+    )
+    chars_per_token: float = field(
+        default=4.0, metadata={"doc": "request bytes per token, for the up-front estimate", "check": positive}
+    )
+    default_max_tokens: int = field(
+        default=256, metadata={"doc": "completion tokens assumed when a request sets no max_tokens", "check": positive}
+    )
+
+
+@dataclass(slots=True)
+class Ticket:
+    """What this plugin took for one call, so that ``request_complete`` gives back exactly that."""
+
+    key: str
+    who: str
+    tpm: int | None = None
+    tokens: float = 0.0  # taken from the tpm bucket
+    concurrent: bool = False  # counted in the key's requests at once
+    held: Backend | None = None  # a backend slot reserved until the call is routed
+
+
+class Plugin:
+    def __init__(self, options: Options | None = None) -> None:
+        self.options = options or Options()
+        self.queue = FairQueue()
+        self.running: dict[str, int] = {}  # key -> its calls queued or in flight
+        self.held: dict[str, int] = {}  # backend id -> slots reserved for admitted calls not yet routed
+        self.gateway: Gateway | None = None
+
+    @hookimpl
+    def startup(self, gateway: Gateway) -> None:
+        self.gateway = gateway
+        if self.options.fair_queue:  # slots also free up outside request_complete (failover, health)
+            gateway.every(0.1, self._tick, name="ratelimit")
+
+    async def _tick(self) -> None:
+        self.queue.dispatch(self._admit)
+
+    # -- before the call -------------------------------------------------------------------
+
+    @hookimpl
+    async def before_request(self, call: Call) -> None:
+        ticket, rpm, tpm, cap, high = self._ticket(call)
+        if call.dry_run:
+            call.explain["ratelimit"] = {"key": ticket.who, "rpm": rpm, "tpm": tpm, "max_concurrency": cap}
+            return
+        if cap is not None and self.running.get(ticket.key, 0) >= cap:
+            message = f"rate limit: at most {cap} requests at once for {ticket.who}; wait for one to finish"
+            raise GatewayError(429, message, code="rate_limit_exceeded", headers={"Retry-After": "1"})
+        self.running[ticket.key] = self.running.get(ticket.key, 0) + 1
+        ticket.concurrent = True
+        call.state["ratelimit"] = ticket
+        store = call.gateway.store
+        headers = call.response_headers
+        if rpm is not None:
+            await _take(store, ticket, "requests", rpm, 1.0, headers, f"{rpm} requests a minute for {ticket.who}")
+        if tpm is not None:
+            estimate = self._estimate(call)
+            if estimate > tpm:
+                message = (
+                    f"rate limit: this request is estimated at {estimate:.0f} tokens, more than the {tpm} tokens "
+                    f"a minute allowed for {ticket.who}; lower max_tokens or shorten the prompt"
+                )
+                raise GatewayError(429, message, code="request_too_large")
+            try:
+                what = f"{tpm} tokens a minute for {ticket.who} (this request: about {estimate:.0f})"
+                await _take(store, ticket, "tokens", tpm, estimate, headers, what)
+            except GatewayError:
+                if rpm is not None:  # a refused request costs nothing
+                    await store.take(_bucket("requests", ticket.key), -1, rpm / 60, rpm)
+                raise
+            ticket.tpm, ticket.tokens = tpm, estimate
+        if self.options.fair_queue:
+            await self._wait_for_slot(call, ticket, high)
+
+    def _ticket(self, call: Call) -> tuple[Ticket, int | None, int | None, int | None, bool]:
+        identity, o = call.identity, self.options
+        if identity is None:
+            address = call.request.remote or "unknown"
+            ticket = Ticket(f"anon:{address}", f"anonymous client {address}")
+            return ticket, o.anonymous_rpm, o.anonymous_tpm, o.anonymous_max_concurrency, False
+        if not isinstance(identity, Identity):  # another plugin's idea of a caller: its text is its key
+            ticket = Ticket(f"key:{identity}", f"key '{identity}'")
+            return ticket, o.rpm, o.tpm, o.max_concurrency, False
+        ticket = Ticket(f"key:{identity.key_id}", f"key '{identity.name}'")
+        rpm, tpm, cap = identity.rpm or o.rpm, identity.tpm or o.tpm, identity.max_concurrency or o.max_concurrency
+        return ticket, rpm, tpm, cap, identity.priority == "high"
+
+    def _estimate(self, call: Call) -> float:
+        body = call.json
+        completion = body.get("max_completion_tokens") or body.get("max_tokens")
+        if call.endpoint == "embeddings":
+            completion = 0
+        elif not isinstance(completion, int) or completion < 0:
+            completion = self.options.default_max_tokens
+        return len(call.body) / self.options.chars_per_token + completion
+
+    # -- waiting for a backend slot ----------------------------------------------------------
+
+    async def _wait_for_slot(self, call: Call, ticket: Ticket, high: bool) -> None:
+        if not len(self.queue):  # nobody waits: no turn to take
+            free, ticket.held = self._reserve(call.model)
+            if free:
+                return
+        waiter = Waiter(ticket.key, call.model, high)
+        self.queue.add(waiter)
+        self.queue.dispatch(self._admit)
+        admitted = False
+        try:
+            async with asyncio.timeout(self.options.max_queue_wait):
+                await waiter.future
+            admitted = True
+        except TimeoutError:
+            wait = self.options.max_queue_wait
+            message = (
+                f"model '{call.model}' is busy: every backend serving it is at its max_concurrency and this "
+                f"request waited {wait:g} s (max_queue_wait) in {ticket.who}'s queue; retry in a few seconds"
+            )
+            raise GatewayError(429, message, code="queue_timeout", headers={"Retry-After": "5"}) from None
+        finally:
+            if admitted:
+                ticket.held = waiter.slot
+            else:  # timed out or the client hung up: leave the queue, and free a slot granted meanwhile
+                self.queue.remove(waiter)
+                if waiter.future.done() and not waiter.future.cancelled():
+                    self._release(waiter.slot)
+                waiter.future.cancel()
+
+    def _admit(self, waiter: Waiter) -> bool:
+        free, waiter.slot = self._reserve(waiter.model)
+        return free
+
+    def _reserve(self, model: str) -> tuple[bool, Backend | None]:
+        """Whether the model has room, and the backend whose slot was reserved (None: it has no limit).
+
+        Changes nothing when there is no room.
+        """
+        gateway = self.gateway
+        backends = gateway.registry.for_model(model) if gateway else ()
+        best: Backend | None = None
+        room = 0
+        for backend in backends:
+            if backend.max_concurrency is None:
+                return True, UNLIMITED
+            free = backend.max_concurrency - backend.in_flight - self.held.get(backend.id, 0)
+            if free > room:
+                best, room = backend, free
+        if not backends:
+            return True, UNLIMITED  # routing will say why nothing serves it
+        if best is None:
+            return False, None
+        self.held[best.id] = self.held.get(best.id, 0) + 1
+        return True, best
+
+    def _release(self, backend: Backend | None) -> None:
+        if backend is not None:
+            self.held[backend.id] -= 1
+            self.queue.dispatch(self._admit)
+
+    @hookimpl(trylast=True)
+    def filter_candidates(self, call: Call, candidates: list[Backend]) -> list[Backend] | None:
+        """Hand the reserved slot to routing; route no call to a backend already at its max_concurrency."""
+        if not self.options.fair_queue:
+            return None
+        ticket: Ticket | None = call.state.get("ratelimit")
+        reserved = ticket.held if ticket is not None else None
+        if ticket is not None and reserved is not None and not call.dry_run:
+            ticket.held = None
+            self.held[reserved.id] -= 1  # the relay counts it as in_flight before anything else runs
+        held = self.held
+        open_ = [
+            b
+            for b in candidates
+            if b is reserved or b.max_concurrency is None or b.in_flight + held.get(b.id, 0) < b.max_concurrency
+        ]
+        if call.dry_run:
+            for backend in candidates:
+                if backend not in open_:
+                    call.explain.setdefault("excluded", {})[backend.name] = "at its max_concurrency"
+        return open_ if open_ and len(open_) < len(candidates) else None
+
+    # -- after the call ------------------------------------------------------------------------
+
+    @hookimpl
+    async def request_complete(self, call: Call) -> None:
+        ticket: Ticket | None = call.state.pop("ratelimit", None)
+        if ticket is None:
+            return
+        if ticket.concurrent:
+            left = self.running[ticket.key] - 1
+            if left:
+                self.running[ticket.key] = left
+            else:
+                del self.running[ticket.key]
+        if ticket.held is not None:  # refused or answered before routing: the slot was never used
+            self.held[ticket.held.id] -= 1
+        self.queue.dispatch(self._admit)
+        if ticket.tpm:
+            await self._correct_tokens(call, ticket)
+
+    async def _correct_tokens(self, call: Call, ticket: Ticket) -> None:
+        """Give back, or take, the difference between the estimate and what the answer used."""
+        usage = call.usage or {}
+        used = usage.get("total_tokens")
+        if not isinstance(used, int | float):
+            used = ticket.tokens if call.attempts else 0.0  # no usage reported: keep the estimate
+        difference = used - ticket.tokens
+        if difference and ticket.tpm:
+            tpm = ticket.tpm
+            await call.gateway.store.take(_bucket("tokens", ticket.key), difference, tpm / 60, tpm, force=True)
+
+
+def _bucket(kind: str, key: str) -> str:
+    return f"ratelimit:{kind}:{key}"
+
+
+async def _take(
+    store: Store, ticket: Ticket, kind: str, limit: int, amount: float, headers: dict[str, str], what: str
+) -> None:
+    """Take from one bucket and set its x-ratelimit-* headers; a GatewayError (429) if it has too little."""
+    rate, name = limit / 60, _bucket(kind, ticket.key)
+    wait = await store.take(name, amount, rate, limit)
+    left = await store.peek(name, rate, limit)
+    headers[f"x-ratelimit-limit-{kind}"] = str(limit)
+    headers[f"x-ratelimit-remaining-{kind}"] = str(max(0, math.floor(left)))
+    headers[f"x-ratelimit-reset-{kind}"] = duration((limit - left) / rate if wait == 0 else wait)
+    if wait:
+        seconds = max(1, math.ceil(wait))
+        refusal = GatewayError(
+            429,
+            f"rate limit: {what}; retry in {seconds} s",
+            code="rate_limit_exceeded",
+            headers={**headers, "Retry-After": str(seconds)},
+        )
+        raise refusal
+
+
+def duration(seconds: float) -> str:
+    """A reset time as OpenAI writes it: ``20ms``, ``1.5s``, ``6m0s``."""
+    if seconds < 1:
+        return f"{max(0, round(seconds * 1000))}ms"
+    if seconds < 60:
+        return f"{seconds:.3g}s"
+    minutes, rest = divmod(int(seconds), 60)
+    return f"{minutes}m{rest}s"

@@ -1,0 +1,153 @@
+"""The ratelimit plugin: requests and tokens a minute, concurrency caps, headers, through the real openai SDK."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import aiohttp
+import openai
+import pytest
+
+from gateway.store import MemoryStore
+from tests.conftest import RunningGateway, StartBackend, StartGateway, eventually
+
+KEYS = "tests.keys_plugin"
+MESSAGES = [{"role": "user", "content": "the quick brown fox"}]
+
+
+async def _gateway(start_backend: StartBackend, start_gateway: StartGateway, **options: Any) -> RunningGateway:
+    backend = await start_backend(latency=options.pop("latency", 0.0))
+    return await start_gateway(backend, plugins={KEYS: None, "ratelimit": options})
+
+
+def _client(gateway: RunningGateway, key: str) -> openai.AsyncOpenAI:
+    return openai.AsyncOpenAI(base_url=gateway.base_url, api_key=key, max_retries=0)
+
+
+async def _chat(url: str, key: str, **extra: Any) -> tuple[int, dict[str, Any], Any]:
+    headers = {"Authorization": f"Bearer {key}"}
+    body = {"model": "echo", "messages": MESSAGES, **extra}
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(url + "/v1/chat/completions", json=body, headers=headers) as response,
+    ):
+        return response.status, await response.json(), response.headers
+
+
+async def test_over_its_rpm_a_key_gets_the_sdks_rate_limit_error_with_retry_after(
+    start_backend: StartBackend, start_gateway: StartGateway
+) -> None:
+    gateway = await _gateway(start_backend, start_gateway)
+    async with _client(gateway, "alice,rpm=2") as client, _client(gateway, "bob,rpm=2") as other:
+        await _rpm_limit(client, other)
+
+
+async def _rpm_limit(client: openai.AsyncOpenAI, other: openai.AsyncOpenAI) -> None:
+    first = await client.chat.completions.with_raw_response.create(model="echo", messages=MESSAGES)
+    assert first.headers["x-ratelimit-limit-requests"] == "2"
+    assert first.headers["x-ratelimit-remaining-requests"] == "1"
+    assert first.headers["x-ratelimit-reset-requests"].endswith("s")  # 30s until full again
+    await client.chat.completions.create(model="echo", messages=MESSAGES)
+    with pytest.raises(openai.RateLimitError) as refused:
+        await client.chat.completions.create(model="echo", messages=MESSAGES)
+    assert "rate limit: 2 requests a minute for key 'alice'; retry in 30 s" in str(refused.value)
+    assert refused.value.code == "rate_limit_exceeded"
+    headers = refused.value.response.headers
+    assert headers["retry-after"] == "30" and headers["x-ratelimit-remaining-requests"] == "0"
+    # one key's limit is not another's
+    assert (await other.chat.completions.create(model="echo", messages=MESSAGES)).choices
+
+
+async def test_the_sdk_waits_for_retry_after_and_then_succeeds(
+    start_backend: StartBackend, start_gateway: StartGateway
+) -> None:
+    gateway = await _gateway(start_backend, start_gateway)
+    for _ in range(60):  # the whole minute's burst; then one request a second
+        await _chat(gateway.url, "carol,rpm=60")
+    started = asyncio.get_running_loop().time()
+    async with openai.AsyncOpenAI(base_url=gateway.base_url, api_key="carol,rpm=60", max_retries=1) as client:
+        retried = await client.chat.completions.with_raw_response.create(model="echo", messages=MESSAGES)
+    waited = asyncio.get_running_loop().time() - started
+    assert retried.retries_taken == 1 and 0.9 <= waited < 3  # it honoured "Retry-After: 1"
+
+
+async def test_option_defaults_cover_keys_without_limits_and_anonymous_callers_by_address(
+    start_backend: StartBackend, start_gateway: StartGateway
+) -> None:
+    gateway = await _gateway(start_backend, start_gateway, rpm=3, anonymous_rpm=1)
+    statuses = [(await _chat(gateway.url, "anonymous"))[0] for _ in range(2)]
+    assert statuses == [200, 429]
+    status, body, headers = await _chat(gateway.url, "anonymous")
+    assert status == 429 and "anonymous client 127.0.0.1" in body["error"]["message"] and headers["Retry-After"] == "60"
+    statuses = [(await _chat(gateway.url, "dave"))[0] for _ in range(4)]
+    assert statuses == [200, 200, 200, 429]
+
+
+async def test_tokens_are_estimated_up_front_and_corrected_with_the_real_usage(
+    start_backend: StartBackend, start_gateway: StartGateway
+) -> None:
+    gateway = await _gateway(start_backend, start_gateway)
+    status, _, headers = await _chat(gateway.url, "erin,tpm=1000", max_tokens=500)
+    assert status == 200 and headers["x-ratelimit-limit-tokens"] == "1000"
+    estimated = 1000 - int(headers["x-ratelimit-remaining-tokens"])
+    assert 520 < estimated < 560  # max_tokens plus the body's length / 4
+    store: MemoryStore = gateway.state.store  # type: ignore[assignment]
+    left = await store.peek("ratelimit:tokens:key:id-erin", rate=1000 / 60, capacity=1000)
+    assert 990 < left <= 1000  # the answer used 8 tokens: the rest of the estimate came back
+    status, body, _ = await _chat(gateway.url, "erin,tpm=1000", max_tokens=5000)
+    assert status == 429 and body["error"]["code"] == "request_too_large"
+    assert "lower max_tokens" in body["error"]["message"]
+
+
+async def test_an_underestimate_becomes_a_debt_the_next_request_waits_for() -> None:
+    store = MemoryStore()
+    assert await store.take("t", 90, rate=1, capacity=100) == 0.0
+    assert await store.take("t", 50, rate=1, capacity=100, force=True) == 0.0  # the real cost was higher
+    assert await store.peek("t", rate=1, capacity=100) < -39
+    assert await store.take("t", 1, rate=1, capacity=100) > 40
+
+
+async def test_a_keys_concurrency_cap_is_released_after_errors_and_hang_ups(
+    start_backend: StartBackend, start_gateway: StartGateway
+) -> None:
+    gateway = await _gateway(start_backend, start_gateway, latency=0.3)
+    key = "frank,max_concurrency=1"
+    first = asyncio.create_task(_chat(gateway.url, key))
+    await eventually(lambda: gateway.state.registry.for_model("echo")[0].in_flight == 1)
+    status, body, headers = await _chat(gateway.url, key)
+    assert status == 429 and "at most 1 requests at once for key 'frank'" in body["error"]["message"]
+    assert headers["Retry-After"] == "1"
+    assert (await first)[0] == 200
+    hung_up = asyncio.create_task(_chat(gateway.url, key))
+    await eventually(lambda: gateway.state.registry.for_model("echo")[0].in_flight == 1)
+    hung_up.cancel()  # the client hangs up mid-request
+    plugin = gateway.state.plugins.pm.get_plugin("ratelimit")
+    await eventually(lambda: not plugin.running, timeout=1)
+    assert (await _chat(gateway.url, key))[0] == 200
+
+
+async def test_a_refusal_by_a_later_plugin_releases_the_key_slot(
+    start_backend: StartBackend, start_gateway: StartGateway, tmp_path: Any
+) -> None:
+    refuse = tmp_path / "refuse.py"
+    refuse.write_text(
+        "from gateway import hookimpl\nfrom gateway.errors import GatewayError\n"
+        "@hookimpl\ndef before_request(call):\n    raise GatewayError(403, 'no')\n"
+    )
+    backend = await start_backend()
+    gateway = await start_gateway(backend, plugins={KEYS: None, "ratelimit": {}, str(refuse): None})
+    for _ in range(3):
+        assert (await _chat(gateway.url, "gina,max_concurrency=1"))[0] == 403
+    assert not gateway.state.plugins.pm.get_plugin("ratelimit").running
+
+
+async def test_explain_takes_nothing(start_backend: StartBackend, start_gateway: StartGateway) -> None:
+    gateway = await _gateway(start_backend, start_gateway)
+    headers = {"Authorization": "Bearer hal,rpm=1"}
+    async with aiohttp.ClientSession() as session:
+        for _ in range(3):
+            body = {"model": "echo", "messages": MESSAGES}
+            async with session.post(gateway.url + "/v1/route/explain", json=body, headers=headers) as response:
+                assert response.status == 200
+    assert (await _chat(gateway.url, "hal,rpm=1"))[0] == 200

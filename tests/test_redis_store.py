@@ -1,0 +1,85 @@
+"""The Redis store against a real redis-server: the Store contract, atomic buckets, and two gateways sharing a limit."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aiohttp
+import pytest
+
+from gateway.config import ConfigError
+from gateway.redis_store import RedisStore
+from gateway.store import MemoryStore, Store
+from tests.conftest import StartBackend, StartGateway
+from tests.redis_server import redis_url  # noqa: F401  (the fixture)
+
+
+@pytest.fixture(params=["memory", "redis"])
+async def store(request: pytest.FixtureRequest) -> AsyncIterator[Store]:
+    made: Store = MemoryStore() if request.param == "memory" else RedisStore(request.getfixturevalue("redis_url"))
+    yield made
+    await made.close()
+
+
+async def test_both_stores_keep_the_same_contract(store: Store) -> None:
+    assert await store.take("b", 2, rate=10, capacity=2) == 0.0
+    assert 0.05 < await store.take("b", 1, rate=10, capacity=2) <= 0.1  # nothing taken
+    await asyncio.sleep(0.11)
+    assert await store.take("b", 1, rate=10, capacity=2) == 0.0
+    assert await store.take("b", -5, rate=10, capacity=2) == 0.0  # a refund never overfills
+    assert 1.9 < await store.peek("b", rate=10, capacity=2) <= 2
+    assert await store.take("b", 5, rate=10, capacity=2, force=True) == 0.0  # a debt
+    assert await store.peek("b", rate=10, capacity=2) < -2.5
+    assert await store.take("never", 1, rate=0, capacity=0) == float("inf")
+    assert await store.add("c", 1.5) == 1.5 and await store.add("c", 1) == 2.5
+    assert await store.add("t", 1, ttl=0.05) == 1
+    await store.set("v", b"\x00bytes", ttl=0.05)
+    assert await store.get("v") == b"\x00bytes" and await store.get("absent") is None
+    await asyncio.sleep(0.08)
+    assert await store.get("v") is None and await store.add("t", 1) == 1
+    await store.delete("c")
+    assert await store.add("c", 0) == 0
+
+
+async def test_two_clients_racing_never_take_more_than_the_bucket_holds(redis_url: str) -> None:  # noqa: F811
+    one, two = RedisStore(redis_url), RedisStore(redis_url)
+    try:
+        takes = [s.take("race", 1, rate=0.001, capacity=10) for _ in range(40) for s in (one, two)]
+        results = await asyncio.gather(*takes)
+    finally:
+        await one.close()
+        await two.close()
+    assert sum(1 for wait in results if wait == 0.0) == 10
+
+
+async def test_two_gateways_on_one_redis_enforce_one_rpm_limit_between_them(
+    redis_url: str,  # noqa: F811
+    start_backend: StartBackend,
+    start_gateway: StartGateway,
+) -> None:
+    backend = await start_backend()
+    shared: dict[str, Any] = {"state": {"redis": redis_url}, "plugins": {"tests.keys_plugin": None, "ratelimit": {}}}
+    first = await start_gateway(backend, **shared)
+    second = await start_gateway(backend, **shared)
+    statuses = []
+    async with aiohttp.ClientSession(headers={"Authorization": "Bearer ivy,rpm=4"}) as session:
+        for gateway in (first, second) * 3:
+            body = {"model": "echo", "messages": [{"role": "user", "content": "hi"}]}
+            async with session.post(gateway.url + "/v1/chat/completions", json=body) as response:
+                statuses.append(response.status)
+    assert statuses == [200, 200, 200, 200, 429, 429]  # four between them, not four each
+
+
+async def test_an_unreachable_redis_stops_start_up_with_a_clear_message(start_gateway: StartGateway) -> None:
+    with pytest.raises(ConfigError) as refused:
+        await start_gateway(state={"redis": "redis://:secret@127.0.0.1:1/0"})
+    message = "\n".join(refused.value.problems)
+    assert "state.redis: cannot reach Redis at 127.0.0.1:1" in message and "secret" not in message
+
+
+def test_state_redis_must_be_a_redis_url(gateway_config: Any) -> None:
+    with pytest.raises(ConfigError) as refused:
+        gateway_config(state={"redis": "localhost:6379"})
+    assert "state.redis: must be a Redis URL such as redis://localhost:6379/0" in "\n".join(refused.value.problems)
