@@ -3,7 +3,9 @@
 Every answered call becomes one row (key, model, backend, tokens, latency, status, cache hit,
 cost). Rows are queued and written by a background job every ``flush_interval`` seconds and at
 shutdown, never on the request's path: a crash loses at most that interval. Spend per key is kept
-in memory (loaded from the table at start-up) and checked in ``before_request``.
+in memory (loaded from the table at start-up) and checked in ``before_request``. With a shared
+store (``state: {redis: ...}``) every gateway adds its spend to one counter per key at each flush
+and reads the others' back, so several gateways enforce one budget between them.
 
 Streams: unless the client asked, the backend is asked for ``stream_options.include_usage`` and
 its extra usage-only event is removed before the client sees it. A backend that reports no usage
@@ -25,10 +27,12 @@ from gateway import hookimpl
 from gateway.call import Call
 from gateway.errors import GatewayError
 from gateway.state import GATEWAY, Gateway
+from gateway.store import MemoryStore
 from gateway.validate import positive
 from plugins import _tokens, _usage_report
 
 _USAGE_MARK = b'"prompt_tokens"'
+_SPENT = "usage:spent:"  # the shared store's counter of a key's spend
 
 
 @dataclass(frozen=True)
@@ -49,6 +53,7 @@ class Plugin:
         self.options = options or Options()
         self.spent: dict[str, float] = {}
         self.pending: list[tuple[Any, ...]] = []
+        self.unshared: dict[str, float] = {}  # spend not yet added to the shared store, by key id
         self.count_tokens: _tokens.Counter = _tokens.heuristic
         self.tokenizer = "heuristic"
         self.gateway: Gateway | None = None
@@ -61,20 +66,38 @@ class Plugin:
             self.spent = {str(row[0]): float(row[1]) async for row in cursor}
         if self.options.tokenizer == "auto":
             self.count_tokens, self.tokenizer = await asyncio.to_thread(_tokens.load_counter, "auto")
+        if self._shared(gateway):
+            for key_id, spent in self.spent.items():  # a new store starts from what the database knows
+                known = await gateway.store.add(_SPENT + key_id, 0.0)
+                if known < spent:
+                    await gateway.store.add(_SPENT + key_id, spent - known)
         gateway.every(self.options.flush_interval, self.flush, name="usage")
 
     @hookimpl
     async def shutdown(self) -> None:
         await self.flush()
 
+    @staticmethod
+    def _shared(gateway: Gateway) -> bool:
+        return not isinstance(gateway.store, MemoryStore)
+
     async def flush(self) -> None:
-        """Write the queued rows in one transaction."""
-        if not self.pending or self.gateway is None:
+        """Write the queued rows in one transaction; with a shared store, exchange spend with other gateways."""
+        if self.gateway is None:
+            return
+        if self._shared(self.gateway):
+            await self._share_spend(self.gateway)
+        if not self.pending:
             return
         rows, self.pending = self.pending, []
         db = self.gateway.registry.db
         await db.executemany(_usage_report.INSERT, rows)
         await db.commit()
+
+    async def _share_spend(self, gateway: Gateway) -> None:
+        unshared, self.unshared = self.unshared, {}
+        for key_id in {*self.spent, *unshared}:
+            self.spent[key_id] = await gateway.store.add(_SPENT + key_id, unshared.get(key_id, 0.0))
 
     @hookimpl(trylast=True)
     def before_request(self, call: Call) -> None:
@@ -119,6 +142,7 @@ class Plugin:
         key_id = getattr(identity, "key_id", None)
         if key_id is not None and cost:
             self.spent[key_id] = self.spent.get(key_id, 0.0) + cost
+            self.unshared[key_id] = self.unshared.get(key_id, 0.0) + cost
         backend = call.backend.name if call.backend is not None else None
         self.pending.append(
             (time.time(), call.request_id, key_id, getattr(identity, "name", None), call.model, backend,
