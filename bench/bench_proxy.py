@@ -24,10 +24,12 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
-CHAT = json.dumps({"model": "bench", "messages": [{"role": "user", "content": "hi"}]}).encode()
-HEADERS = {"Content-Type": "application/json", "Authorization": "Bearer sk-bench"}
+CHAT = json.dumps({"model": "bench", "messages": [{"role": "user", "content": "hi"}], "temperature": 0}).encode()
+ADMIN_KEY = "bench-admin-key-0123456789"
+HEADERS = {"Content-Type": "application/json", "Authorization": f"Bearer {ADMIN_KEY}"}  # a key auth accepts
 TICKS = os.sysconf("SC_CLK_TCK")
 
 
@@ -121,14 +123,19 @@ async def streams(url: str, count: int, chunks: int, gap_ms: float) -> dict[str,
     }
 
 
-def _gateway_config(tmp: Path, port: int, backend_port: int) -> Path:
+def _gateway_config(tmp: Path, port: int, backend_port: int, extra: str | None = None) -> Path:
+    """The default plugins of gateway.yaml; ``extra`` names a YAML file whose ``plugins`` are added."""
+    plugins = "health: {interval: 10, timeout: 5}, circuit_breaker: {}, task_aware: {}"
+    if extra:
+        added = yaml.safe_load(Path(extra).read_text())["plugins"]
+        plugins += ", " + ", ".join(f"{name}: {json.dumps(options or {})}" for name, options in added.items())
     config = tmp / f"gateway-{port}.yaml"
     config.write_text(
         f"server: {{port: {port}}}\nstorage: {{sqlite: ./gw-{port}.db}}\n"
-        "admin: {api_key: bench-admin-key-0123456789}\n"
+        f"admin: {{api_key: {ADMIN_KEY}}}\n"
         f"backends: [{{name: bench, url: 'http://127.0.0.1:{backend_port}', models: [bench]}}]\n"
         "logging: {level: info, format: json}\n"
-        "plugins: {health: {interval: 10, timeout: 5}, circuit_breaker: {}, task_aware: {}}\n"
+        f"plugins: {{{plugins}}}\n"
     )
     return config
 
@@ -148,7 +155,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     urls["bare aiohttp relay"] = f"http://127.0.0.1:{port}"
     for name, env in args.gateways:
         port = free_port()
-        command = [sys.executable, "-m", "gateway", "serve", "--config", str(_gateway_config(tmp, port, backend_port))]
+        config = _gateway_config(tmp, port, backend_port, env.pop("PLUGINS", None))
+        command = [sys.executable, "-m", "gateway", "serve", "--config", str(config)]
         source = env.pop("SOURCE", str(ROOT))  # another checkout's code, e.g. the previous commit's
         procs[name] = subprocess.Popen(command, stdout=log, stderr=log, cwd=source, env={**os.environ, **env})
         urls[name] = f"http://127.0.0.1:{port}"
@@ -244,8 +252,8 @@ def main() -> None:
         "--gateway",
         action="append",
         metavar="NAME[:VAR=VALUE,...]",
-        help="a gateway to measure, with extra environment (SOURCE=DIR runs that checkout's code); repeatable "
-        "(default: one, 'gateway')",
+        help="a gateway to measure, with extra environment (SOURCE=DIR runs that checkout's code, PLUGINS=FILE adds "
+        "the plugins of that YAML file); repeatable (default: one, 'gateway')",
     )
     parser.add_argument("--json", help="also write the raw figures here")
     args = parser.parse_args()

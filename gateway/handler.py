@@ -183,8 +183,10 @@ def _log_line(gateway: Gateway, call: Call, failed: bool) -> None:
         outcome["client_disconnected"] = True
     if call.model != call.requested_model:
         outcome["served_model"] = call.model
-    if call.usage:
-        outcome["usage"] = call.usage
+    usage = call.usage
+    if usage:  # flat numbers: cheaper to render and redact than the nested object
+        outcome["prompt_tokens"] = usage.get("prompt_tokens")
+        outcome["completion_tokens"] = usage.get("completion_tokens")
     core = {
         "request_id": call.request_id,
         "endpoint": call.endpoint,

@@ -280,8 +280,14 @@ async def test_usage_is_read_from_a_body_and_from_a_streams_last_chunk(
     aiohttp_server: Any, start_backend: StartBackend, start_gateway: StartGateway
 ) -> None:
     gateway = await start_gateway(await start_backend(), plugins=OBSERVE)
-    status, body, _ = await post(gateway.base_url + "/chat/completions")
+    with structlog.testing.capture_logs() as logs:
+        status, body, _ = await post(gateway.base_url + "/chat/completions")
     assert status == 200 and observed(gateway)[-1].usage == body["usage"] and body["usage"]["total_tokens"] > 0
+    (line,) = [e for e in logs if e["event"] == "request"]
+    assert (line["prompt_tokens"], line["completion_tokens"]) == (
+        body["usage"]["prompt_tokens"],
+        body["usage"]["completion_tokens"],
+    )
     streaming = await raw_backend(aiohttp_server, _usage_stream)
     gateway = await start_gateway(streaming, plugins=OBSERVE)
     request = {**CHAT, "stream": True, "stream_options": {"include_usage": True}}
