@@ -50,6 +50,15 @@ class FairQueue:
     def waiting(self, key: str) -> int:
         return sum(len(level.get(key, ())) for level in self._levels)
 
+    def by_model(self) -> dict[str, int]:
+        """How many wait, per model."""
+        counts: dict[str, int] = {}
+        for level in self._levels:
+            for queue in level.values():
+                for waiter in queue:
+                    counts[waiter.model] = counts.get(waiter.model, 0) + 1
+        return counts
+
     def dispatch(self, admit: Callable[[Waiter], bool]) -> int:
         """Admit waiters in turn while ``admit(waiter)`` takes a slot for them; return how many were admitted.
 

@@ -77,7 +77,10 @@ class Plugin:
         await asyncio.gather(*(self._probe(gateway, b, tracks[b.id]) for b in due))
 
     async def _probe(self, gateway: Gateway, backend: Backend, track: Track) -> None:
+        started = time.perf_counter()
         status, error = await self._check(gateway, backend)
+        seconds = round(time.perf_counter() - started, 4)  # shown in /admin/servers; the metrics plugin reads it
+        backend.notes["health"] = {"probe_seconds": seconds, "result": status, "probed_at": time.time()}
         options = self.options
         if status == BUSY:
             track.next_probe = time.monotonic() + options.interval

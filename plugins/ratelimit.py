@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -169,6 +170,7 @@ class Plugin:
             if free:
                 return
         waiter = Waiter(ticket.key, call.model, high)
+        queued_at = time.perf_counter()
         self.queue.add(waiter)
         self.queue.dispatch(self._admit)
         admitted = False
@@ -184,6 +186,7 @@ class Plugin:
             )
             raise GatewayError(429, message, code="queue_timeout", headers={"Retry-After": "5"}) from None
         finally:
+            call.tags["queue_wait"] = round(time.perf_counter() - queued_at, 4)  # seconds: logged, and for metrics
             if admitted:
                 ticket.held = waiter.slot
             else:  # timed out or the client hung up: leave the queue, and free a slot granted meanwhile
@@ -222,6 +225,10 @@ class Plugin:
         if backend is not None:
             self.held[backend.id] -= 1
             self.queue.dispatch(self._admit)
+
+    def queued(self) -> dict[str, int]:
+        """Requests waiting for a backend slot, per model (the ``metrics`` plugin reads it)."""
+        return self.queue.by_model()
 
     @hookimpl(trylast=True)
     def filter_candidates(self, call: Call, candidates: list[Backend]) -> list[Backend] | None:

@@ -1,0 +1,214 @@
+"""metrics: ``GET /metrics`` in the Prometheus text format, with prometheus-client.
+
+Per request (``request_complete``, synchronous and cheap): requests by model, backend,
+status, strategy and key name; latency, time to first token and time per output token;
+tokens in and out; cache results; refusals; queue waits; failovers and resumed streams;
+the gateway's own added time. Per backend (refreshed every ``refresh_interval`` seconds
+and at each scrape): in flight, queue, status, circuit state and the last probe's time.
+
+Label values are bounded: a model is its own label only if a backend serves it (or it is a
+routing group), else ``other``; a key's name comes only from an ``Identity``. Each gateway
+has its own registry; see ``plugins/_metric_set.py`` for multiprocess mode. ``/metrics``
+is open (Prometheus scrapes without a key) unless ``require_key: true``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from aiohttp import web
+from prometheus_client import multiprocess
+
+from gateway import hookimpl
+from gateway.admin_auth import allow
+from gateway.backend import STATUSES
+from gateway.config import ConfigError
+from gateway.identity import Identity
+from gateway.validate import positive
+from plugins._events import error_code
+from plugins._metric_set import MetricSet, multiprocess_dir
+
+if TYPE_CHECKING:
+    from gateway.call import Call
+    from gateway.registry import Backend
+    from gateway.state import Gateway
+
+OPERATIONS = {"chat/completions": "chat", "completions": "text_completion", "embeddings": "embeddings"}
+CIRCUIT_STATES = {"closed": 0.0, "half_open": 1.0, "open": 2.0}
+OTHER = "other"
+
+
+@dataclass(frozen=True)
+class Options:
+    require_key: bool = field(
+        default=False, metadata={"doc": "demand the admin key (or a readonly/admin key) on GET /metrics"}
+    )
+    refresh_interval: float = field(
+        default=2.0, metadata={"doc": "seconds between updates of the per-backend gauges", "check": positive}
+    )
+
+
+class Plugin:
+    def __init__(self, options: Options | None = None) -> None:
+        self.options = options or Options()
+        try:
+            self.metrics = MetricSet(multiprocess_dir())
+        except ValueError as exc:
+            raise ConfigError([f"plugins.metrics: {exc}"]) from None
+        self.models: frozenset[str] = frozenset()
+        self.gateway: Gateway | None = None
+        self._children: dict[tuple[Any, ...], Any] = {}  # labelled metrics by label values: cheaper than .labels()
+
+    # -- start-up and routes ------------------------------------------------------------------
+
+    @hookimpl
+    def register_routes(self) -> list[web.RouteDef]:
+        handler: Callable[..., Any] = self.scrape
+        if self.options.require_key:
+            handler = allow("readonly")(self._scrape_as)
+        return [web.get("/metrics", handler)]
+
+    @hookimpl
+    def startup(self, gateway: Gateway) -> None:
+        self.gateway = gateway
+        self._known_models(gateway)
+        gateway.every(self.options.refresh_interval, self.refresh, name="metrics")
+
+    @hookimpl
+    def shutdown(self) -> None:
+        """In multiprocess mode, this process's live gauges (in flight, queue) stop counting."""
+        if self.metrics.multiproc_dir is not None:
+            multiprocess.mark_process_dead(os.getpid(), self.metrics.multiproc_dir)
+
+    async def _scrape_as(self, request: web.Request, gateway: Gateway, caller: Any) -> web.Response:
+        return await self.scrape(request)
+
+    async def scrape(self, request: web.Request) -> web.Response:
+        """``GET /metrics``: every metric, the per-backend gauges brought up to date first."""
+        await self.refresh()
+        body = self.metrics.exposition()
+        return web.Response(body=body, headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
+
+    def _known_models(self, gateway: Gateway) -> None:
+        self.models = frozenset({*gateway.registry.models(), *gateway.config.routing.groups})
+
+    @hookimpl
+    def backend_status_changed(self, gateway: Gateway, event: str) -> None:
+        if event in ("registered", "updated", "removed"):
+            self._known_models(gateway)
+
+    # -- per request -------------------------------------------------------------------------------
+
+    def _child(self, metric: Any, *labels: str) -> Any:
+        key = (id(metric), *labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*labels)
+        return child
+
+    @hookimpl
+    def request_complete(self, call: Call) -> None:
+        """Record one finished call; synchronous, so its latency is taken as the client's answer ends."""
+        if call.dry_run:
+            return
+        latency = call.latency
+        m, child = self.metrics, self._child
+        model = call.model if call.model in self.models else (OTHER if call.model else "none")
+        identity = call.identity
+        key = identity.name if isinstance(identity, Identity) else ("anonymous" if identity is None else OTHER)
+        backend = call.backend.name if call.backend is not None else "none"
+        child(m.requests, model, backend, str(call.status), call.route or "none", key).inc()
+        operation = OPERATIONS.get(call.endpoint, call.endpoint)
+        child(m.duration, operation, model).observe(latency)
+        cache = call.tags.get("cache")
+        if cache is not None:
+            child(m.cache, str(cache)).inc()
+        wait = call.tags.get("queue_wait")
+        if wait is not None:
+            child(m.queue_wait, model).observe(wait)
+        if call.status == 429 and not call.attempts:
+            child(m.rejections, error_code(call) or OTHER, key).inc()
+        usage = call.usage
+        if usage:
+            self._tokens(operation, model, key, usage)
+        attempts = call.attempts
+        if attempts:
+            self._attempts(call, operation, model, latency, usage)
+
+    def _tokens(self, operation: str, model: str, key: str, usage: dict[str, Any]) -> None:
+        m, child = self.metrics, self._child
+        for field_name, kind in (("prompt_tokens", "input"), ("completion_tokens", "output")):
+            count = usage.get(field_name)
+            if isinstance(count, int) and count >= 0:
+                child(m.token_usage, operation, model, kind).observe(count)
+                child(m.tokens, model, key, kind).inc(count)
+
+    def _attempts(self, call: Call, operation: str, model: str, latency: float, usage: Any) -> None:
+        m, child = self.metrics, self._child
+        attempts = call.attempts
+        waited = 0.0
+        previous = None
+        for attempt in attempts:
+            if attempt.ended is not None:
+                waited += attempt.ended - attempt.started
+            if previous is not None:
+                child(m.resumed if previous.mid_stream else m.failovers, model).inc()
+            previous = attempt
+        m.overhead.observe(max(0.0, latency - waited))
+        last = attempts[-1]
+        if call.status != 200 or call.error is not None or last.first_byte is None or last.ended is None:
+            return
+        if call.stream and call.first_byte_at is not None:
+            child(m.ttft, operation, model).observe(call.first_byte_at - call.started)
+        completion = usage.get("completion_tokens") if usage else None
+        if not isinstance(completion, int) or completion < 1:
+            return
+        if call.stream and call.first_byte_at is not None:
+            if completion > 1:
+                child(m.tpot, operation, model).observe((last.ended - call.first_byte_at) / (completion - 1))
+        else:
+            child(m.tpot, operation, model).observe((last.ended - last.started) / completion)
+
+    # -- per backend -------------------------------------------------------------------------------
+
+    async def refresh(self) -> None:
+        """Bring the per-backend gauges up to date (a removed backend's series go)."""
+        gateway = self.gateway
+        if gateway is None:
+            return
+        m = self.metrics
+        for gauge in (m.in_flight, m.queue, m.up, m.status, m.circuit, m.probe):
+            gauge.clear()
+        queued = _queued(gateway)
+        for backend in list(gateway.registry.backends.values()):
+            name = backend.name
+            m.in_flight.labels(name).set(backend.in_flight)
+            m.queue.labels(name).set(sum(queued.get(model, 0) for model in backend.models))
+            m.up.labels(name).set(1.0 if backend.routable else 0.0)
+            for status in STATUSES:
+                m.status.labels(name, status).set(1.0 if backend.status == status else 0.0)
+            _backend_notes(m, backend)
+
+
+def _backend_notes(m: MetricSet, backend: Backend) -> None:
+    """Circuit state (``notes["circuit"]`` of circuit_breaker) and probe time (``notes["health"]`` of health)."""
+    circuits = backend.notes.get("circuit")
+    if isinstance(circuits, dict):
+        for endpoint, circuit in circuits.items():
+            state = CIRCUIT_STATES.get(circuit.get("state", "")) if isinstance(circuit, dict) else None
+            if state is not None:
+                m.circuit.labels(backend.name, str(endpoint)).set(state)
+    health = backend.notes.get("health")
+    seconds = health.get("probe_seconds") if isinstance(health, dict) else None
+    if isinstance(seconds, int | float):
+        m.probe.labels(backend.name).set(seconds)
+
+
+def _queued(gateway: Gateway) -> dict[str, int]:
+    """Requests waiting per model, from the ratelimit plugin's public ``queued()`` if it runs."""
+    ratelimit = gateway.plugins.pm.get_plugin("ratelimit")
+    queued = getattr(ratelimit, "queued", None)
+    return queued() if callable(queued) else {}
