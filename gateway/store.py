@@ -50,6 +50,10 @@ class MemoryStore:
         self._values: dict[str, tuple[bytes, float | None]] = {}
 
     async def take(self, key: str, amount: float, rate: float, capacity: float, force: bool = False) -> float:
+        return self.take_now(key, amount, rate, capacity, force)
+
+    def take_now(self, key: str, amount: float, rate: float, capacity: float, force: bool = False) -> float:
+        """``take`` without a coroutine: for a plugin's synchronous path when the store is this one."""
         tokens, now = self._level(key, rate, capacity)
         if amount <= tokens or amount <= 0 or force:
             self._buckets[key] = (min(capacity, tokens - amount), now)

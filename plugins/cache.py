@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Awaitable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -112,28 +113,29 @@ class Plugin:
         return Entry.decode(raw) if raw is not None else None
 
     @hookimpl
-    async def request_complete(self, call: Call) -> None:
+    def request_complete(self, call: Call) -> Awaitable[None] | None:
+        """Keep a complete answer: in memory at once, or through the store (then the gateway awaits it)."""
         key = call.state.get("cache.key")
         if key is None or call.tags.get("cache") == "hit" or call.backend is None:
-            return
+            return None
         if call.status != 200 or call.error is not None or call.client_disconnected:
-            return  # a failed, cut or refused answer is never kept
+            return None  # a failed, cut or refused answer is never kept
         if call.stream:
             chunks = tuple(call.state.get("cache.chunks", ()))
             if not chunks or not chunks[-1].rstrip().endswith(b"[DONE]"):
-                return  # a stream that did not finish as OpenAI's do
+                return None  # a stream that did not finish as OpenAI's do
         else:
             body = getattr(call.response, "body", None)
             if not isinstance(body, bytes):
-                return
+                return None
             chunks = (body,)
         entry = Entry(call.stream, chunks, call.usage)
         if entry.size > self.max_entry:
-            return
+            return None
         if self.store is None:
             self.memory.put(key, entry, self.options.ttl)
-        else:
-            await self.store.set(key, entry.encode(), ttl=self.options.ttl)
+            return None
+        return self.store.set(key, entry.encode(), ttl=self.options.ttl)
 
 
 def _deterministic(body: dict[str, Any]) -> bool:

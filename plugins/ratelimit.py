@@ -18,22 +18,23 @@ for one slot.
 from __future__ import annotations
 
 import asyncio
-import math
 import time
+from collections.abc import Awaitable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from gateway import hookimpl
 from gateway.errors import GatewayError
 from gateway.identity import Identity
+from gateway.store import MemoryStore
 from gateway.validate import positive
+from plugins._buckets import bucket, take
 from plugins.fair_share import FairQueue, Waiter
 
 if TYPE_CHECKING:
     from gateway.call import Call
     from gateway.registry import Backend
     from gateway.state import Gateway
-    from gateway.store import Store
 
 UNLIMITED = None
 
@@ -120,7 +121,7 @@ class Plugin:
         store = call.gateway.store
         headers = call.response_headers
         if rpm is not None:
-            await _take(store, ticket, "requests", rpm, 1.0, headers, f"{rpm} requests a minute for {ticket.who}")
+            await take(store, ticket, "requests", rpm, 1.0, headers, f"{rpm} requests a minute for {ticket.who}")
         if tpm is not None:
             estimate = self._estimate(call)
             if estimate > tpm:
@@ -131,10 +132,10 @@ class Plugin:
                 raise GatewayError(429, message, code="request_too_large")
             try:
                 what = f"{tpm} tokens a minute for {ticket.who} (this request: about {estimate:.0f})"
-                await _take(store, ticket, "tokens", tpm, estimate, headers, what)
+                await take(store, ticket, "tokens", tpm, estimate, headers, what)
             except GatewayError:
                 if rpm is not None:  # a refused request costs nothing
-                    await store.take(_bucket("requests", ticket.key), -1, rpm / 60, rpm)
+                    await store.take(bucket("requests", ticket.key), -1, rpm / 60, rpm)
                 raise
             ticket.tpm, ticket.tokens = tpm, estimate
         if self.options.fair_queue:
@@ -255,10 +256,12 @@ class Plugin:
     # -- after the call ------------------------------------------------------------------------
 
     @hookimpl
-    async def request_complete(self, call: Call) -> None:
+    def request_complete(self, call: Call) -> Awaitable[Any] | None:
+        """Release the call's slots; correct its token estimate (synchronously with the in-process store,
+        so no task is needed for this observer)."""
         ticket: Ticket | None = call.state.pop("ratelimit", None)
         if ticket is None:
-            return
+            return None
         if ticket.concurrent:
             left = self.running[ticket.key] - 1
             if left:
@@ -268,51 +271,21 @@ class Plugin:
         if ticket.held is not None:  # refused or answered before routing: the slot was never used
             self.held[ticket.held.id] -= 1
         self.queue.dispatch(self._admit)
-        if ticket.tpm:
-            await self._correct_tokens(call, ticket)
+        return self._correct_tokens(call, ticket) if ticket.tpm else None
 
-    async def _correct_tokens(self, call: Call, ticket: Ticket) -> None:
+    @staticmethod
+    def _correct_tokens(call: Call, ticket: Ticket) -> Awaitable[Any] | None:
         """Give back, or take, the difference between the estimate and what the answer used."""
         usage = call.usage or {}
         used = usage.get("total_tokens")
         if not isinstance(used, int | float):
             used = ticket.tokens if call.attempts else 0.0  # no usage reported: keep the estimate
         difference = used - ticket.tokens
-        if difference and ticket.tpm:
-            tpm = ticket.tpm
-            await call.gateway.store.take(_bucket("tokens", ticket.key), difference, tpm / 60, tpm, force=True)
-
-
-def _bucket(kind: str, key: str) -> str:
-    return f"ratelimit:{kind}:{key}"
-
-
-async def _take(
-    store: Store, ticket: Ticket, kind: str, limit: int, amount: float, headers: dict[str, str], what: str
-) -> None:
-    """Take from one bucket and set its x-ratelimit-* headers; a GatewayError (429) if it has too little."""
-    rate, name = limit / 60, _bucket(kind, ticket.key)
-    wait = await store.take(name, amount, rate, limit)
-    left = await store.peek(name, rate, limit)
-    headers[f"x-ratelimit-limit-{kind}"] = str(limit)
-    headers[f"x-ratelimit-remaining-{kind}"] = str(max(0, math.floor(left)))
-    headers[f"x-ratelimit-reset-{kind}"] = duration((limit - left) / rate if wait == 0 else wait)
-    if wait:
-        seconds = max(1, math.ceil(wait))
-        refusal = GatewayError(
-            429,
-            f"rate limit: {what}; retry in {seconds} s",
-            code="rate_limit_exceeded",
-            headers={**headers, "Retry-After": str(seconds)},
-        )
-        raise refusal
-
-
-def duration(seconds: float) -> str:
-    """A reset time as OpenAI writes it: ``20ms``, ``1.5s``, ``6m0s``."""
-    if seconds < 1:
-        return f"{max(0, round(seconds * 1000))}ms"
-    if seconds < 60:
-        return f"{seconds:.3g}s"
-    minutes, rest = divmod(int(seconds), 60)
-    return f"{minutes}m{rest}s"
+        tpm = ticket.tpm
+        if not difference or not tpm:
+            return None
+        store, name = call.gateway.store, bucket("tokens", ticket.key)
+        if isinstance(store, MemoryStore):
+            store.take_now(name, difference, tpm / 60, tpm, force=True)
+            return None
+        return store.take(name, difference, tpm / 60, tpm, force=True)

@@ -1,0 +1,47 @@
+"""Token buckets as the ratelimit plugin uses them: names, a take that sets OpenAI's x-ratelimit-* headers."""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING
+
+from gateway.errors import GatewayError
+
+if TYPE_CHECKING:
+    from gateway.store import Store
+    from plugins.ratelimit import Ticket
+
+
+def bucket(kind: str, key: str) -> str:
+    return f"ratelimit:{kind}:{key}"
+
+
+async def take(
+    store: Store, ticket: Ticket, kind: str, limit: int, amount: float, headers: dict[str, str], what: str
+) -> None:
+    """Take from one bucket and set its x-ratelimit-* headers; a GatewayError (429) if it has too little."""
+    rate, name = limit / 60, bucket(kind, ticket.key)
+    wait = await store.take(name, amount, rate, limit)
+    left = await store.peek(name, rate, limit)
+    headers[f"x-ratelimit-limit-{kind}"] = str(limit)
+    headers[f"x-ratelimit-remaining-{kind}"] = str(max(0, math.floor(left)))
+    headers[f"x-ratelimit-reset-{kind}"] = duration((limit - left) / rate if wait == 0 else wait)
+    if wait:
+        seconds = max(1, math.ceil(wait))
+        refusal = GatewayError(
+            429,
+            f"rate limit: {what}; retry in {seconds} s",
+            code="rate_limit_exceeded",
+            headers={**headers, "Retry-After": str(seconds)},
+        )
+        raise refusal
+
+
+def duration(seconds: float) -> str:
+    """A reset time as OpenAI writes it: ``20ms``, ``1.5s``, ``6m0s``."""
+    if seconds < 1:
+        return f"{max(0, round(seconds * 1000))}ms"
+    if seconds < 60:
+        return f"{seconds:.3g}s"
+    minutes, rest = divmod(int(seconds), 60)
+    return f"{minutes}m{rest}s"
