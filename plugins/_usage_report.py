@@ -127,7 +127,12 @@ def table(group_by: str, data: list[dict[str, Any]]) -> str:
 
 
 def add_command(subparsers: Any) -> None:
-    usage = subparsers.add_parser("usage", help="requests, tokens and spend, from the gateway's database")
+    usage = subparsers.add_parser(
+        "usage",
+        help="requests, tokens and spend, from the gateway's database",
+        epilog="example:\n  multiverse usage --since 7d --group-by model",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     usage.add_argument("--since", help="a duration back from now (30m, 1h, 7d), an ISO date or a Unix time")
     usage.add_argument("--group-by", choices=list(GROUPS), default="key")
     usage.add_argument("--key", help="only this key (its id or name)")

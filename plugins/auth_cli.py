@@ -25,7 +25,12 @@ SETTINGS = ("role", "models", "rpm", "tpm", "max_concurrency", "budget", "priori
 
 
 def add_commands(subparsers: argparse._SubParsersAction[Any]) -> None:
-    keys = subparsers.add_parser("keys", help="API keys of the auth plugin: create, list, revoke, rotate")
+    keys = subparsers.add_parser(
+        "keys",
+        help="API keys of the auth plugin: create, list, revoke, rotate",
+        epilog="examples:\n  multiverse keys create --name ada --role user --rpm 30\n  multiverse keys list",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     keys.add_argument("--config", default=os.environ.get("MULTIVERSE_CONFIG"), help="config file (./gateway.yaml)")
     sub = keys.add_subparsers(dest="keys_command", required=True)
     create = sub.add_parser("create", help="issue a key (its secret is shown once), or one per line of --from")

@@ -18,8 +18,11 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import aiohttp
+from aiohttp import web
 
 from gateway import hookimpl
+from gateway.admin_auth import allow
+from gateway.identity import Identity
 from gateway.registry import HEALTHY, MISMATCHED, PENDING, UNHEALTHY, Backend
 from gateway.validate import positive
 
@@ -76,7 +79,8 @@ class Plugin:
         due = [b for b in backends if tracks[b.id].next_probe <= now]
         await asyncio.gather(*(self._probe(gateway, b, tracks[b.id]) for b in due))
 
-    async def _probe(self, gateway: Gateway, backend: Backend, track: Track) -> None:
+    async def _probe(self, gateway: Gateway, backend: Backend, track: Track) -> tuple[str, str | None]:
+        """Probe once and apply the result; returns it (the probe's own verdict, not yet the backend's status)."""
         started = time.perf_counter()
         status, error = await self._check(gateway, backend)
         seconds = round(time.perf_counter() - started, 4)  # shown in /admin/servers; the metrics plugin reads it
@@ -84,7 +88,7 @@ class Plugin:
         options = self.options
         if status == BUSY:
             track.next_probe = time.monotonic() + options.interval
-            return
+            return status, error
         if status == HEALTHY:
             track.streak = max(track.streak, 0) + 1
             if backend.status != HEALTHY and track.streak >= options.healthy_after:
@@ -102,6 +106,26 @@ class Plugin:
             extra = max(0, -track.streak - options.unhealthy_after)
             wait = min(options.max_interval, options.interval * 2 ** min(extra, 16)) * random.uniform(0.8, 1.2)
         track.next_probe = time.monotonic() + wait
+        return status, error
+
+    @hookimpl
+    def register_routes(self) -> list[web.RouteDef]:
+        return [web.post("/admin/health/probe", allow("readonly")(self.probe_now))]
+
+    async def probe_now(self, request: web.Request, gateway: Gateway, caller: Identity) -> web.Response:
+        """``POST /admin/health/probe``: probe every approved backend now, whatever its turn; each result, timed."""
+        backends = [b for b in gateway.registry.backends.values() if b.status != PENDING]
+        return web.json_response({"backends": await asyncio.gather(*(self._probe_timed(gateway, b) for b in backends))})
+
+    async def _probe_timed(self, gateway: Gateway, backend: Backend) -> dict[str, object]:
+        track = self.tracks.get(backend.id)
+        if track is None or track.url != backend.url:
+            track = self.tracks[backend.id] = Track(backend.url)
+        started = time.perf_counter()
+        probe, error = await self._probe(gateway, backend, track)
+        took = round((time.perf_counter() - started) * 1000, 2)
+        return {"registration_id": backend.id, "name": backend.name, "probe": probe, "error": error, "ms": took,
+                "status": backend.status}  # fmt: skip
 
     async def _check(self, gateway: Gateway, backend: Backend) -> tuple[str, str | None]:
         path = self.options.path

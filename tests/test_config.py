@@ -125,7 +125,7 @@ def test_plugins_command_lists_plugins_as_json() -> None:
         "strategies": ["round_robin"],
         "options": None,
     }
-    assert listed["health"]["enabled"] and listed["health"]["hooks"] == ["startup"]
+    assert listed["health"]["enabled"] and listed["health"]["hooks"] == ["register_routes", "startup"]
 
 
 def test_infinite_timeouts_are_refused() -> None:

@@ -131,7 +131,7 @@ def test_plugins_load_from_an_installed_entry_point(tmp_path: Path, monkeypatch:
     assert loaded.sources["fastest"] == "entry point of multiverse-fastest"
     listed = {info.name: info for info in loaded.describe(parse({}))}
     assert listed["fastest"].enabled and listed["fastest"].hooks == ("register_strategies",)
-    assert not listed["health"].enabled and listed["health"].hooks == ("startup",)
+    assert not listed["health"].enabled and listed["health"].hooks == ("register_routes", "startup")
 
 
 # -- the example strategies from docs/plugins.md ------------------------------------------

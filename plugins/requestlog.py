@@ -1,0 +1,222 @@
+"""requestlog: every request in a searchable table; who asked for what, who answered, and why it failed.
+
+One row per request (refused, answered, failed over, broken mid-stream or abandoned): time,
+request id, key name (never the key), client address, model asked and served, backend, strategy,
+each attempt with its outcome, status, latency, time to first token, tokens, cache status, error.
+``request_complete`` only queues what it saw; a background job formats and writes the queue every
+``flush_interval`` seconds and at shutdown, and prunes rows past ``retention_days`` or ``max_rows``.
+Prompts and answers are kept only with ``store_content: true``, each cut at ``max_content_chars``.
+
+``GET /admin/requests`` searches the log (admin and readonly keys), ``GET /admin/requests/{id}``
+shows one request; ``multiverse requests`` is the command line for both.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import web
+
+from gateway import hookimpl
+from gateway.admin_auth import allow
+from gateway.call import Attempt, Call
+from gateway.errors import GatewayError
+from gateway.identity import Identity
+from gateway.state import Gateway
+from gateway.validate import positive
+from plugins import _requestlog_query as q
+from plugins import _tokens
+
+
+@dataclass(frozen=True)
+class Options:
+    flush_interval: float = field(
+        default=0.5, metadata={"doc": "seconds between batched writes (a crash loses at most this)", "check": positive}
+    )
+    retention_days: float | None = field(
+        default=7.0, metadata={"doc": "rows older than this many days are deleted (null: keep)", "check": positive}
+    )
+    max_rows: int | None = field(
+        default=100_000, metadata={"doc": "only the newest this many rows are kept (null: no limit)", "check": positive}
+    )
+    prune_interval: float = field(
+        default=60.0, metadata={"doc": "seconds between prunes by retention_days and max_rows", "check": positive}
+    )
+    store_content: bool = field(
+        default=False, metadata={"doc": "also keep each request's messages and the answer's text"}
+    )
+    max_content_chars: int = field(
+        default=8000,
+        metadata={"doc": "with store_content: most characters kept of a prompt or answer", "check": positive},
+    )
+
+
+Pending = tuple[Any, ...]
+RAW_PER_CHAR = 64
+"""Raw stream bytes kept per character of text: an SSE event carries a token or two in ~200 bytes."""
+
+
+class Plugin:
+    def __init__(self, options: Options | None = None) -> None:
+        self.options = options or Options()
+        self.pending: list[Pending] = []
+        self.gateway: Gateway | None = None
+
+    @hookimpl
+    async def startup(self, gateway: Gateway) -> None:
+        self.gateway = gateway
+        await gateway.registry.migrate("requestlog", q.SCHEMA)
+        gateway.every(self.options.flush_interval, self.flush, name="requestlog")
+        gateway.every(self.options.prune_interval, self.prune, name="requestlog-prune")
+
+    @hookimpl
+    async def shutdown(self) -> None:
+        await self.flush()
+
+    @hookimpl
+    def before_request(self, call: Call) -> None:
+        if not self.options.store_content or not call.stream or call.dry_run:
+            return
+        chunks: list[bytes] = []
+        budget = [self.options.max_content_chars * RAW_PER_CHAR]
+
+        def keep(chunk: bytes) -> None:
+            if budget[0] > 0:
+                chunks.append(chunk)
+                budget[0] -= len(chunk)
+
+        call.state["requestlog.chunks"] = chunks
+        call.on_chunk(keep)
+
+    @hookimpl
+    def request_complete(self, call: Call) -> None:
+        """Queue what happened; formatting and writing happen in ``flush``, off the request's path."""
+        if call.dry_run:
+            return
+        latency = call.latency
+        backend = call.backend
+        usage = call.usage
+        content = None
+        if self.options.store_content:
+            content = (call.json, call.state.get("requestlog.chunks"), getattr(call.response, "body", None))
+        self.pending.append(
+            (time.time() - latency, call.request_id, getattr(call.identity, "name", None), call.request.remote,
+             call.endpoint, call.stream, call.requested_model, call.model if backend else None,
+             backend.name if backend else None, call.route or None, call.started, call.attempts, call.status,
+             latency, call.time_to_first_byte, usage, call.tags.get("cache"), call.error, content)
+        )  # fmt: skip
+
+    async def flush(self) -> None:
+        """Write the queued requests in one transaction."""
+        if not self.pending or self.gateway is None:
+            return
+        queued, self.pending = self.pending, []
+        rows = [self._row(*entry) for entry in queued]
+        db = self.gateway.registry.db
+        await db.executemany(q.INSERT, rows)
+        await db.commit()
+
+    def _row(
+        self, at: float, request_id: str, key: str | None, client: str | None, endpoint: str, stream: bool,
+        model: str, served: str | None, backend: str | None, strategy: str | None, started: float,
+        attempts: Sequence[Attempt], status: int, latency: float, ttfb: float | None, usage: dict[str, Any] | None,
+        cache: Any, error: str | None, content: tuple[dict[str, Any], list[bytes] | None, Any] | None,
+    ) -> tuple[Any, ...]:  # fmt: skip
+        usage = usage or {}
+        prompt_tokens, completion_tokens = usage.get("prompt_tokens"), usage.get("completion_tokens")
+        prompt = completion = None
+        if content is not None:
+            prompt, completion = self._content(*content)
+        return (
+            at, request_id, key, client, endpoint, stream, model, served, backend, strategy,
+            json.dumps([story(a, started) for a in attempts]), status, round(latency * 1000, 2),
+            None if ttfb is None else round(ttfb * 1000, 2),
+            prompt_tokens if isinstance(prompt_tokens, int) else None,
+            completion_tokens if isinstance(completion_tokens, int) else None,
+            None if cache is None else str(cache), error, prompt, completion,
+        )  # fmt: skip
+
+    def _content(self, body: dict[str, Any], chunks: list[bytes] | None, answer: Any) -> tuple[str, str | None]:
+        """The request's messages (or prompt, or input) as JSON, and the answer's text; each cut short."""
+        limit = self.options.max_content_chars
+        asked = next((body[k] for k in ("messages", "prompt", "input") if k in body), None)
+        prompt = json.dumps(asked)
+        if len(prompt) > limit:
+            prompt = json.dumps(prompt[:limit] + f"... (cut at {limit} characters)")
+        text = _tokens.streamed_text(chunks) if chunks is not None else None
+        if text is None and isinstance(answer, bytes):
+            text = _tokens.answer_text(answer)
+        if text is not None and len(text) > limit:
+            text = text[:limit] + f"... (cut at {limit} characters)"
+        return prompt, text
+
+    async def prune(self, now: float | None = None) -> int:
+        """Delete rows older than ``retention_days`` and beyond the newest ``max_rows``; how many went."""
+        if self.gateway is None:
+            return 0
+        await self.flush()
+        db = self.gateway.registry.db
+        deleted = 0
+        if self.options.retention_days is not None:
+            cutoff = (time.time() if now is None else now) - self.options.retention_days * 86400
+            deleted += (await db.execute(q.PRUNE_OLD, (cutoff,))).rowcount
+        if self.options.max_rows is not None:
+            deleted += (await db.execute(q.PRUNE_ROWS, (self.options.max_rows,))).rowcount
+        await db.commit()
+        return deleted
+
+    @hookimpl
+    def register_routes(self) -> list[web.RouteDef]:
+        return [
+            web.get("/admin/requests", allow("readonly")(self.search)),
+            web.get("/admin/requests/{request_id:.+}", allow("readonly")(self.show)),
+        ]
+
+    async def search(self, request: web.Request, gateway: Gateway, caller: Identity) -> web.Response:
+        """``GET /admin/requests?status=5xx&model=&backend=&key=&since=1h&request_id=&limit=50&cursor=``."""
+        try:
+            sql, params, limit = q.query(request.query)
+        except ValueError as exc:
+            raise GatewayError(400, str(exc), code="invalid_query") from None
+        await self.flush()
+        async with gateway.registry.db.execute(sql, params) as cursor:
+            rows = [q.to_dict(tuple(row)) for row in await cursor.fetchall()]
+        more = len(rows) > limit
+        rows = rows[:limit]
+        next_cursor = str(rows[-1]["id"]) if more else None
+        return web.json_response({"requests": rows, "count": len(rows), "next_cursor": next_cursor})
+
+    async def show(self, request: web.Request, gateway: Gateway, caller: Identity) -> web.Response:
+        """``GET /admin/requests/{request_id}``: the newest request with that id, every attempt included."""
+        request_id = request.match_info["request_id"]
+        await self.flush()
+        async with gateway.registry.db.execute(
+            f"{q.SELECT} WHERE request_id = ? ORDER BY id DESC LIMIT 1", (request_id,)
+        ) as cursor:
+            row = await cursor.fetchone()
+        if row is None:
+            kept = f"{self.options.retention_days:g} days" if self.options.retention_days else "all days"
+            raise GatewayError(
+                404,
+                f"no request with id '{request_id[:128]}' in the request log (it keeps {kept}, "
+                f"at most {self.options.max_rows or 'unlimited'} rows); GET /admin/requests?since=1h lists recent ones",
+                code="request_not_found",
+            )
+        return web.json_response(q.to_dict(tuple(row)))
+
+
+def story(attempt: Attempt, started: float) -> list[Any]:
+    """One attempt as the table keeps it, compactly (``_requestlog_query.ATTEMPT`` names the fields): times in
+    ms, its start counted from the request's."""
+    first, ended = attempt.first_byte, attempt.ended
+    return [
+        attempt.backend.name, attempt.model, attempt.status, attempt.outcome, attempt.reason,
+        round((attempt.started - started) * 1000, 2),
+        None if first is None else round((first - attempt.started) * 1000, 2),
+        None if ended is None else round((ended - attempt.started) * 1000, 2),
+        attempt.mid_stream, attempt.retry_after,
+    ]  # fmt: skip

@@ -1,0 +1,167 @@
+"""The requestlog plugin: what a request leaves in the log, searching it, paging, retention, content."""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from typing import Any
+
+import pytest
+
+from tests.conftest import ADMIN, RunningGateway, StartBackend, StartGateway
+
+ROLES = "tests.role_identity"
+
+
+async def entry(gateway: RunningGateway, request_id: str) -> dict[str, Any]:
+    reply = await gateway.get(f"/admin/requests/{request_id}", headers=ADMIN)
+    assert reply.status == 200, reply.body
+    found: dict[str, Any] = reply.json()
+    return found
+
+
+async def search(gateway: RunningGateway, headers: dict[str, str] = ADMIN, **filters: str) -> tuple[int, Any]:
+    query = "&".join(f"{name}={value}" for name, value in filters.items())
+    reply = await gateway.get(f"/admin/requests?{query}", headers=headers)
+    return reply.status, reply.json()
+
+
+def plugin(gateway: RunningGateway) -> Any:
+    return gateway.state.plugins.pm.get_plugin("requestlog")
+
+
+async def test_a_failover_is_told_attempt_by_attempt(start_backend: StartBackend, start_gateway: StartGateway) -> None:
+    broken, good = await start_backend(mode="error", error_status=503), await start_backend()
+    gateway = await start_gateway(broken, good, plugins={"requestlog": {}})
+    reply = await gateway.post(
+        "/v1/chat/completions",
+        {"model": "echo", "messages": [{"role": "user", "content": "secret homework"}]},
+        headers={"X-Request-ID": "story-1"},
+    )
+    assert reply.status == 200 and reply.backend == "b1"
+    logged = await entry(gateway, "story-1")
+    assert (logged["status"], logged["backend"], logged["model"], logged["served_model"]) == (200, "b1", "echo", "echo")
+    assert [(a["backend"], a["outcome"], a["status"]) for a in logged["attempts"]] == [
+        ("b0", "http_error", 503),
+        ("b1", "ok", 200),
+    ]
+    assert "503" in logged["attempts"][0]["reason"]
+    assert logged["attempts"][1]["start_ms"] >= logged["attempts"][0]["start_ms"]
+    assert logged["client"] == "127.0.0.1" and logged["strategy"] == "round_robin" and logged["ok"] is True
+    assert logged["latency_ms"] > 0 and logged["prompt_tokens"] == 2
+    assert "prompt" not in logged and "completion" not in logged  # store_content is off by default
+    database = sqlite3.connect(gateway.state.config.database_path)
+    try:
+        everything = " ".join(map(str, database.execute("SELECT * FROM requestlog").fetchall()))
+    finally:
+        database.close()
+    assert "homework" not in everything
+
+
+async def test_a_stream_that_breaks_after_its_200_is_a_failure(
+    start_backend: StartBackend, start_gateway: StartGateway
+) -> None:
+    gateway = await start_gateway(await start_backend(mode="die_after", chunks=6), plugins={"requestlog": {}})
+    reply = await gateway.chat("one two three", stream=True)
+    assert reply.status == 200
+    status, found = await search(gateway, status="error")
+    assert status == 200
+    [logged] = found["requests"]
+    assert logged["status"] == 200 and logged["ok"] is False and "mid-stream" in logged["error"]
+    [attempt] = logged["attempts"]
+    assert (attempt["backend"], attempt["outcome"], attempt["mid_stream"]) == ("b0", "stalled", True)
+    assert logged["ttft_ms"] is not None and logged["stream"] is True
+    assert (await search(gateway, status="5xx"))[1]["count"] == 0
+    assert (await search(gateway, status="ok"))[1]["count"] == 0
+
+
+async def test_filters_and_paging(start_backend: StartBackend, start_gateway: StartGateway) -> None:
+    fine, failing = await start_backend(name="fine"), await start_backend(name="failing", models=["other"])
+    failing.mode = "error"
+    gateway = await start_gateway(fine, failing, plugins={ROLES: {}, "requestlog": {}})
+    for i in range(5):
+        await gateway.post(
+            "/v1/chat/completions",
+            {"model": "echo", "messages": [{"role": "user", "content": f"hi {i}"}]},
+            headers={"Authorization": f"Bearer user:{'ada' if i % 2 else 'alan'}"},
+        )
+    for _ in range(2):
+        assert (await gateway.chat(model="other")).status >= 500
+    assert (await search(gateway))[1]["count"] == 7
+    assert {r["status"] for r in (await search(gateway, status="5xx"))[1]["requests"]} == {500}
+    assert (await search(gateway, status="2xx"))[1]["count"] == 5
+    assert (await search(gateway, model="other"))[1]["count"] == 2
+    assert (await search(gateway, backend="fine"))[1]["count"] == 5
+    assert [r["key"] for r in (await search(gateway, key="ada"))[1]["requests"]] == ["ada", "ada"]
+    assert (await search(gateway, since="1h"))[1]["count"] == 7
+    assert (await search(gateway, since="2999-01-01"))[1]["count"] == 0
+    pages, cursor = [], ""
+    while True:
+        status, page = await search(gateway, limit="3", cursor=cursor)
+        assert status == 200
+        pages.append([r["id"] for r in page["requests"]])
+        if page["next_cursor"] is None:
+            break
+        cursor = page["next_cursor"]
+    assert [len(p) for p in pages] == [3, 3, 1]
+    ids = [i for p in pages for i in p]
+    assert ids == sorted(ids, reverse=True) and len(set(ids)) == 7  # newest first, none twice
+    one = (await search(gateway, limit="1"))[1]["requests"][0]
+    assert (await search(gateway, request_id=one["request_id"]))[1]["requests"] == [one]
+
+
+async def test_who_may_search_and_what_a_bad_filter_says(
+    start_backend: StartBackend, start_gateway: StartGateway
+) -> None:
+    gateway = await start_gateway(await start_backend(), plugins={ROLES: {}, "requestlog": {}})
+    await gateway.chat()
+    assert (await search(gateway, headers={"Authorization": "Bearer readonly:ta"}))[1]["count"] == 1
+    status, body = await search(gateway, headers={"Authorization": "Bearer user:student"})
+    assert status == 403 and "readonly" in body["error"]["message"]
+    status, body = await search(gateway, headers={})
+    assert status == 401
+    status, body = await search(gateway, status="6xx")
+    assert status == 400 and "5xx" in body["error"]["message"] and body["error"]["code"] == "invalid_query"
+    status, body = await search(gateway, since="yesterday")
+    assert status == 400 and "1h" in body["error"]["message"]
+    status, body = await search(gateway, colour="red")
+    assert status == 400 and "request_id" in body["error"]["message"]
+    missing = await gateway.get("/admin/requests/nope", headers=ADMIN)
+    assert missing.status == 404 and "GET /admin/requests" in missing.json()["error"]["message"]
+
+
+async def test_retention_by_rows_and_by_days(start_backend: StartBackend, start_gateway: StartGateway) -> None:
+    gateway = await start_gateway(await start_backend(), plugins={"requestlog": {"max_rows": 3, "retention_days": 1}})
+    for i in range(5):
+        await gateway.chat(f"number {i}")
+    newest = [r["id"] for r in (await search(gateway))[1]["requests"]][:3]
+    assert await plugin(gateway).prune() == 2
+    assert [r["id"] for r in (await search(gateway))[1]["requests"]] == newest
+    assert await plugin(gateway).prune(now=time.time() + 2 * 86400) == 3
+    assert (await search(gateway))[1]["count"] == 0
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_store_content_keeps_prompt_and_answer(
+    start_backend: StartBackend, start_gateway: StartGateway, stream: bool
+) -> None:
+    gateway = await start_gateway(
+        await start_backend(), plugins={"requestlog": {"store_content": True, "max_content_chars": 80}}
+    )
+    await gateway.post(
+        "/v1/chat/completions",
+        {"model": "echo", "stream": stream, "messages": [{"role": "user", "content": "tell me about owls"}]},
+        headers={"X-Request-ID": "owls"},
+    )
+    long = "word " * 30
+    await gateway.post(
+        "/v1/chat/completions",
+        {"model": "echo", "stream": stream, "messages": [{"role": "user", "content": long}]},
+        headers={"X-Request-ID": "long"},
+    )
+    logged = await entry(gateway, "owls")
+    assert logged["prompt"] == [{"role": "user", "content": "tell me about owls"}]
+    assert "owls" in logged["completion"]
+    cut = await entry(gateway, "long")
+    assert cut["completion"].endswith("(cut at 80 characters)") and len(cut["completion"]) < 120
+    assert "cut at 80 characters" in cut["prompt"]
