@@ -11,7 +11,7 @@ each time its previous answer comes back.
 from __future__ import annotations
 
 import asyncio
-from collections import OrderedDict, deque
+from collections import Counter, OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -49,6 +49,10 @@ class FairQueue:
 
     def waiting(self, key: str) -> int:
         return sum(len(level.get(key, ())) for level in self._levels)
+
+    def waiting_by_model(self) -> Counter[str]:
+        """How many requests wait for each model (what a dashboard shows as a backend's queue)."""
+        return Counter(waiter.model for level in self._levels for queue in level.values() for waiter in queue)
 
     def dispatch(self, admit: Callable[[Waiter], bool]) -> int:
         """Admit waiters in turn while ``admit(waiter)`` takes a slot for them; return how many were admitted.
