@@ -218,13 +218,13 @@
     const bar = width / rows.length;
     rows.forEach((value, i) => {
       const failed = t.failed_per_second[i];
-      const h = (value / top) * (height - 24);
-      const hf = (failed / top) * (height - 24);
+      const h = (value / top) * (height - 32);
+      const hf = (failed / top) * (height - 32);
       chart.append(svg("rect", { class: "ok", x: i * bar + 1, y: height - h, width: bar - 2, height: Math.max(0, h - hf) }));
       chart.append(svg("rect", { class: "bad", x: i * bar + 1, y: height - hf, width: bar - 2, height: hf }));
     });
-    const labels = [[4, 16, "start", `−${Math.round(t.window_seconds / 60)} min`],
-      [width / 2, 16, "middle", `peak ${top.toFixed(1)} req/s`], [width - 4, 16, "end", "now"]];
+    const labels = [[4, 22, "start", `−${Math.round(t.window_seconds / 60)} min`],
+      [width / 2, 22, "middle", `peak ${top.toFixed(1)} req/s`], [width - 4, 22, "end", "now"]];
     for (const [x, y, anchor, text] of labels) {
       const label = svg("text", { x, y, "text-anchor": anchor, class: "axis" });
       label.textContent = text;
