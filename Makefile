@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 CONFIG ?= gateway.yaml
 
-.PHONY: run test redis-server lint schema bench clean
+.PHONY: run test redis-server chromium lint schema bench clean
 
 $(BIN)/multiverse: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -17,6 +17,7 @@ run: $(BIN)/multiverse          ## start the gateway with gateway.yaml on embedd
 
 test: $(BIN)/multiverse         ## install what the tests need and run the whole suite
 	@command -v redis-server >/dev/null || $(MAKE) --no-print-directory redis-server
+	@[ -x /usr/bin/chromium ] || $(MAKE) --no-print-directory chromium
 	$(BIN)/python -m pytest -q
 
 redis-server:                   ## install redis-server, which the shared-state tests start (Debian/Ubuntu, as root)
@@ -26,6 +27,16 @@ redis-server:                   ## install redis-server, which the shared-state 
 	else \
 		echo "redis-server is missing and cannot be installed here (needs apt-get as root): install it" \
 			"(apt-get install redis-server, brew install redis) and run make test again" >&2; \
+		exit 1; \
+	fi
+
+chromium:                       ## install Debian's chromium, which the dashboard's browser test drives through Playwright
+	@if command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+		apt-get install -y --no-install-recommends chromium \
+		|| { apt-get update && apt-get install -y --no-install-recommends chromium; }; \
+	else \
+		echo "/usr/bin/chromium is missing and cannot be installed here (needs apt-get as root): install it" \
+			"(apt-get install chromium) and run make test again; Playwright's own browser download is not used" >&2; \
 		exit 1; \
 	fi
 

@@ -11,7 +11,7 @@ each time its previous answer comes back.
 from __future__ import annotations
 
 import asyncio
-from collections import OrderedDict, deque
+from collections import Counter, OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -50,14 +50,9 @@ class FairQueue:
     def waiting(self, key: str) -> int:
         return sum(len(level.get(key, ())) for level in self._levels)
 
-    def by_model(self) -> dict[str, int]:
-        """How many wait, per model."""
-        counts: dict[str, int] = {}
-        for level in self._levels:
-            for queue in level.values():
-                for waiter in queue:
-                    counts[waiter.model] = counts.get(waiter.model, 0) + 1
-        return counts
+    def by_model(self) -> Counter[str]:
+        """How many requests wait for each model (a dashboard shows it as a backend's queue)."""
+        return Counter(waiter.model for level in self._levels for queue in level.values() for waiter in queue)
 
     def dispatch(self, admit: Callable[[Waiter], bool]) -> int:
         """Admit waiters in turn while ``admit(waiter)`` takes a slot for them; return how many were admitted.
