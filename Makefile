@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 CONFIG ?= gateway.yaml
 
-.PHONY: run test redis-server lint schema bench clean
+.PHONY: run test redis-server real-backend lint schema bench clean
 
 $(BIN)/multiverse: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -17,6 +17,7 @@ run: $(BIN)/multiverse          ## start the gateway with gateway.yaml on embedd
 
 test: $(BIN)/multiverse         ## install what the tests need and run the whole suite
 	@command -v redis-server >/dev/null || $(MAKE) --no-print-directory redis-server
+	@$(MAKE) --no-print-directory real-backend
 	$(BIN)/python -m pytest -q
 
 redis-server:                   ## install redis-server, which the shared-state tests start (Debian/Ubuntu, as root)
@@ -28,6 +29,19 @@ redis-server:                   ## install redis-server, which the shared-state 
 			"(apt-get install redis-server, brew install redis) and run make test again" >&2; \
 		exit 1; \
 	fi
+
+real-backend: $(BIN)/multiverse  ## build llama-cpp-python's server + Gemma 3 270M into a cached venv (the real_backend tests)
+	@if ! { command -v cmake && command -v c++; } >/dev/null; then \
+		if command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+			apt-get install -y --no-install-recommends build-essential cmake \
+			|| { apt-get update && apt-get install -y --no-install-recommends build-essential cmake; }; \
+		else \
+			echo "cmake and a C++ compiler are missing and cannot be installed here (needs apt-get as root):" \
+				"install them (apt-get install build-essential cmake) and run make test again" >&2; \
+			exit 1; \
+		fi; \
+	fi
+	$(BIN)/python -m tests.real_backend
 
 lint: $(BIN)/multiverse
 	$(BIN)/ruff check gateway plugins tests bench
