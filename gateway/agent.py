@@ -208,6 +208,8 @@ class Agent:
             self._change("refused_beat", True, f"heartbeat refused (HTTP {status}): {_message(answer)}")
             return
         self._change("refused_beat", False, "heartbeats accepted again")
+        held = "drained by the gateway's admin: no new requests until the agent restarts"
+        self._change("held", bool(answer.get("draining")), held)
         before, self.registered = self.registered, answer
         changed = answer.get("changed") or []
         if before is None or "registered" in changed:

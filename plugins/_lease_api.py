@@ -140,7 +140,8 @@ def plugin_heartbeat(plugin: Plugin) -> Handler:
                 lease.registration_id, lease.interval, lease.name = backend.id, beat.interval, beat.name
                 await plugin.save(gateway, lease)
         lease.renew()
-        lease.draining = False
+        if lease.draining == "agent":  # a restarted agent; an admin's drain holds until the agent leaves
+            lease.draining = ""
         if backend.status == UNHEALTHY and backend.last_error == OFFLINE:
             await gateway.registry.set_status(backend, UNKNOWN, event="online")
         from plugins.leases import agent_note
@@ -158,6 +159,7 @@ def plugin_heartbeat(plugin: Plugin) -> Handler:
             "status": backend.status,
             "lease_seconds": lease.seconds,
             "in_flight": backend.in_flight,
+            "draining": bool(lease.draining),
             "changed": events,
         }
         return web.json_response(answer, status=201 if events[:1] == ["registered"] else 200)
@@ -219,9 +221,9 @@ def plugin_drain(plugin: Plugin) -> Handler:
     return drain
 
 
-def _drained(gateway: Gateway, lease: Lease, backend: Backend) -> web.Response:
+def _drained(gateway: Gateway, lease: Lease, backend: Backend, by: str = "agent") -> web.Response:
     if not lease.draining:
-        lease.draining = True
+        lease.draining = by
         gateway.log.info("backend_draining", registration_id=backend.id, backend=backend.name)
     backend.notes.setdefault("agent", {})["draining"] = True
     return web.json_response({"registration_id": backend.id, "draining": True, "in_flight": backend.in_flight})
@@ -235,7 +237,7 @@ def plugin_drain_by_id(plugin: Plugin) -> Callable[[web.Request, Gateway, Identi
         if backend is None or lease is None:
             raise GatewayError(404, f"no agent-kept registration with id '{registration_id}'; GET /admin/servers")
         check_owner(caller, backend)
-        return _drained(gateway, lease, backend)
+        return _drained(gateway, lease, backend, by="admin" if caller.is_admin else "agent")
 
     return drain_by_id
 
@@ -248,7 +250,7 @@ def plugin_leave(plugin: Plugin) -> Handler:
         backend = gateway.registry.backends.get(lease.registration_id or "") if lease else None
         if lease is None or backend is None:
             raise GatewayError(404, "this agent has no registration here (nothing to remove)")
-        lease.expires_at = 0.0
+        lease.expires_at, lease.draining = 0.0, ""
         if body.get("keep"):
             await gateway.registry.set_status(backend, UNHEALTHY, OFFLINE, event="offline")
             answer = {"registration_id": backend.id, "kept": True, "status": backend.status}

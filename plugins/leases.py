@@ -64,7 +64,7 @@ class Lease:
     interval: float
     lease_intervals: float = 3.0
     expires_at: float = 0.0  # time.monotonic()
-    draining: bool = False
+    draining: str = ""  # who asked: "agent" (it is stopping) or "admin" (held until the agent leaves)
 
     @property
     def seconds(self) -> float:
@@ -110,7 +110,7 @@ class Plugin:
         if lease is None:
             return None
         if lease.draining:
-            return "draining: its agent is stopping"
+            return "draining: " + ("its agent is stopping" if lease.draining == "agent" else "an admin drained it")
         if lease.expires_at <= now:
             return f"lease expired: no heartbeat from its agent for {lease.seconds:g} s"
         return None
@@ -149,5 +149,5 @@ def agent_note(lease: Lease, load: dict[str, Any]) -> dict[str, Any]:
         "interval": lease.interval,
         "lease_seconds": lease.seconds,
         "last_heartbeat": time.time(),
-        "draining": lease.draining,
+        "draining": bool(lease.draining),
     }

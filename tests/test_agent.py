@@ -239,3 +239,23 @@ async def test_the_agent_says_once_that_the_gateway_is_unreachable_and_keeps_try
     assert agent.process.returncode is None
     assert sum("gateway unreachable" in line for line in agent.lines) == 1
     assert await agent.stop() == 0
+
+
+async def test_a_restarted_gateway_keeps_the_leases_and_an_admin_drain_holds_across_heartbeats(
+    start_backend: StartBackend, start_gateway: StartGateway, tmp_path: Path
+) -> None:
+    backend = await start_backend(models=["tiny"])
+    gateway = await start_gateway(plugins=LEASES)
+    agent = await start_agent(gateway.url, ADMIN_KEY, backend.url, tmp_path / "a.json", interval=0.3)
+    await agent.wait_for("registered as")
+    [backend_id] = registered(gateway)
+    status, drained = await call("POST", f"{gateway.url}/admin/register/{backend_id}/drain", {})
+    assert status == 200 and drained["draining"] is True
+    await agent.wait_for("drained by the gateway's admin")
+    await asyncio.sleep(0.7)  # two more heartbeats: the admin's drain holds
+    assert (await gateway.chat(model="tiny")).status == 503
+    await agent.stop(signal.SIGKILL)
+    restarted = await start_gateway(plugins=LEASES)  # a second gateway on the same database: as after a restart
+    assert (await restarted.chat(model="tiny")).status == 200  # one lease of grace for the agent to call again
+    await asyncio.sleep(1.2)
+    assert (await restarted.chat(model="tiny")).status == 503  # it did not: no traffic
