@@ -259,3 +259,22 @@ async def test_a_restarted_gateway_keeps_the_leases_and_an_admin_drain_holds_acr
     assert (await restarted.chat(model="tiny")).status == 200  # one lease of grace for the agent to call again
     await asyncio.sleep(1.2)
     assert (await restarted.chat(model="tiny")).status == 503  # it did not: no traffic
+
+
+async def test_a_backend_that_stops_answering_loses_its_lease_and_gets_it_back(
+    start_backend: StartBackend, start_gateway: StartGateway, tmp_path: Path
+) -> None:
+    backend = await start_backend(models=["tiny"])
+    gateway = await start_gateway(plugins=LEASES)
+    agent = await start_agent(gateway.url, ADMIN_KEY, backend.url, tmp_path / "a.json", interval=0.3)
+    await agent.wait_for("registered as")
+    backend.models_status = 503
+    assert "GET /v1/models answered HTTP 503" in await agent.wait_for("backend down at")
+    await asyncio.sleep(1.2)
+    assert (await gateway.chat(model="tiny")).status == 503  # no heartbeats while it is down: no traffic
+    backend.models_status = 200
+    await agent.wait_for("backend up at")
+    await asyncio.sleep(0.5)
+    assert (await gateway.chat(model="tiny")).status == 200
+    assert sum("backend down" in line for line in agent.lines) == 1
+    await agent.stop()
