@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 CONFIG ?= gateway.yaml
 
-.PHONY: run test redis-server chromium lint schema bench clean
+.PHONY: run test redis-server chromium real-backend lint schema bench clean
 
 $(BIN)/multiverse: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -18,6 +18,7 @@ run: $(BIN)/multiverse          ## start the gateway with gateway.yaml on embedd
 test: $(BIN)/multiverse         ## install what the tests need and run the whole suite
 	@command -v redis-server >/dev/null || $(MAKE) --no-print-directory redis-server
 	@[ -x /usr/bin/chromium ] || $(MAKE) --no-print-directory chromium
+	@$(MAKE) --no-print-directory real-backend
 	$(BIN)/python -m pytest -q
 
 redis-server:                   ## install redis-server, which the shared-state tests start (Debian/Ubuntu, as root)
@@ -39,6 +40,19 @@ chromium:                       ## install Debian's chromium, which the dashboar
 			"(apt-get install chromium) and run make test again; Playwright's own browser download is not used" >&2; \
 		exit 1; \
 	fi
+
+real-backend: $(BIN)/multiverse  ## build llama-cpp-python's server + Gemma 3 270M into a cached venv (the real_backend tests)
+	@if ! { command -v cmake && command -v c++; } >/dev/null; then \
+		if command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+			apt-get install -y --no-install-recommends build-essential cmake \
+			|| { apt-get update && apt-get install -y --no-install-recommends build-essential cmake; }; \
+		else \
+			echo "cmake and a C++ compiler are missing and cannot be installed here (needs apt-get as root):" \
+				"install them (apt-get install build-essential cmake) and run make test again" >&2; \
+			exit 1; \
+		fi; \
+	fi
+	$(BIN)/python -m tests.real_backend
 
 lint: $(BIN)/multiverse
 	$(BIN)/ruff check gateway plugins tests bench

@@ -18,6 +18,7 @@ from aiohttp import web
 from gateway.admin_auth import REGISTRATION_LIMIT, TokenBuckets, allow, limit_registrations
 from gateway.admin_auth import resolve_admin_key as resolve_admin_key
 from gateway.admin_owners import approve, audit_trail, check_owner, record, status_for
+from gateway.checker import refuse_unless_conformant
 from gateway.config import GatewayConfig, ModelProfile, _http_url
 from gateway.errors import GatewayError
 from gateway.identity import Identity
@@ -140,6 +141,8 @@ async def register(request: web.Request, gateway: Gateway, caller: Identity) -> 
         check_owner(caller, existing)
     models = _models_of(body) or await discover_models(gateway, url.url, body.api_key)
     status = status_for(gateway, caller, models)
+    if request.query.get("check") in ("1", "true"):
+        await refuse_unless_conformant(gateway, url.url, models[0], body.api_key)
     fields = _given_fields(body)
     async with gateway.registry.lock:  # discovery awaited: check again, and write before anyone else checks
         existing = _existing(gateway, url.url)

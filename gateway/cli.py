@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from gateway import __version__, cli_admin
+from gateway import __version__, cli_admin, cli_agent
 from gateway.config import ConfigError, GatewayConfig, load, parse
 
 DEFAULT_CONFIG = "gateway.yaml"
@@ -258,6 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
     schema_cmd = sub.add_parser("schema", help="print the JSON Schema of gateway.yaml")
     schema_cmd.set_defaults(func=cmd_schema)
     cli_admin.add_parsers(sub)
+    cli_agent.add_parsers(sub)
     return parser
 
 

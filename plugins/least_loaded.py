@@ -1,6 +1,7 @@
 """least_loaded: power of two choices over each backend's load.
 
-Load is the gateway's own count of requests in flight on the backend, plus, with
+Load is the gateway's own count of requests in flight on the backend (or, if larger, the
+load its ``multiverse agent`` reported in its last heartbeat: other clients' requests too), plus, with
 ``metrics: true``, what the backend reports itself: vLLM's ``vllm:num_requests_waiting``
 (and ``running``) from its ``/metrics``, read every ``metrics_interval`` seconds. Two
 candidates are drawn at random and the less loaded goes first (then the rest, least
@@ -50,7 +51,9 @@ class LeastLoaded(ScoredStrategy):
         self.random = random.Random()
 
     def score(self, backend: Backend, call: Call) -> float:
-        return -(backend.in_flight + self.reported.get(backend.id, 0.0))
+        agent = backend.notes.get("agent") or {}  # what its ``multiverse agent`` last reported (leases plugin)
+        seen = max(float(backend.in_flight), float(agent.get("load") or 0.0))
+        return -(seen + self.reported.get(backend.id, 0.0))
 
     def __call__(self, candidates: Sequence[Backend], call: Call) -> Sequence[Backend]:
         if len(candidates) < 2:
