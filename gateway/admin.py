@@ -211,11 +211,9 @@ async def update(request: web.Request, gateway: Gateway, caller: Identity) -> we
         if backend.id not in gateway.registry.backends:
             raise GatewayError(404, f"registration '{backend.id}' was removed while this update waited")
         try:
-            await gateway.registry.update(backend, changes)
+            await gateway.registry.update(backend, changes, pending=status == PENDING and backend.status != PENDING)
         except sqlite3.IntegrityError:
             raise _url_taken(changes["url"]) from None
-        if status == PENDING and backend.status != PENDING:
-            await gateway.registry.approve(backend, pending=True)
     await record(gateway, caller, "updated", backend, fields=sorted(changes))
     gateway.log.info("backend_updated", registration_id=backend.id, fields=sorted(changes))
     answer = backend.public()
@@ -235,14 +233,15 @@ async def deregister(request: web.Request, gateway: Gateway, caller: Identity) -
 
 @allow("host", "readonly")
 async def servers(request: web.Request, gateway: Gateway, caller: Identity) -> web.Response:
-    """Every backend; a host key sees only its own."""
+    """Every backend; a host key sees only its own; a readonly key sees no addresses or contacts."""
     mine = caller.role == "host"
+    full = caller.role in ("admin", "host")
     model = request.query.get("model")
     status = request.query.get("status")
     if status is not None and status not in STATUSES:
         raise GatewayError(400, f"status must be one of {', '.join(STATUSES)}", param="status")
     found = [
-        b.public()
+        b.public() if full else b.summary()
         for b in gateway.registry.backends.values()
         if (model is None or model in b.models)
         and (status is None or b.status == status)

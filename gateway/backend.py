@@ -60,8 +60,15 @@ class Backend:
     def read_only(self) -> bool:
         return self.source == "config"
 
+    def summary(self) -> dict[str, Any]:
+        """What a caller who is neither an admin nor its owner may see: never its address or contacts."""
+        shown = self.public()
+        for private in _PRIVATE:
+            shown.pop(private, None)
+        return shown
+
     def public(self) -> dict[str, Any]:
-        """What the admin API shows."""
+        """What the admin API shows an admin, and a host its own backends."""
         return {
             "registration_id": self.id,
             "name": self.name,
@@ -86,3 +93,6 @@ class Backend:
             "requests_failed": self.failed,
             "notes": self.notes,
         }
+
+
+_PRIVATE = ("endpoint_url", "owner_email", "owner_key", "has_api_key", "profile")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import time
@@ -10,11 +11,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from aiohttp import web
+
 from gateway.errors import GatewayError
 
 if TYPE_CHECKING:
-    from aiohttp import web
-
     from gateway.registry import Backend
     from gateway.state import Gateway
 
@@ -194,6 +195,24 @@ class Call:
     @property
     def time_to_first_byte(self) -> float | None:
         return None if self.first_byte_at is None else self.first_byte_at - self.started
+
+
+_PEER_CLOSED = web.RequestKey("multiverse.peer_closed", asyncio.Event)
+
+
+def peer_closed(request: web.BaseRequest) -> asyncio.Event:
+    """Set when the client closed its side of the connection (EOF) while its request is being answered.
+
+    A client that only half-closes still gets its answer (``multiverse serve`` keeps the write side
+    open), so work that can tell nothing to the client in the meantime, such as waiting in a queue,
+    may give up when this is set.
+    """
+    event = request.get(_PEER_CLOSED)
+    if event is None:
+        event = request[_PEER_CLOSED] = asyncio.Event()
+        if getattr(request.protocol, "peer_eof", False):  # it came with the request itself
+            event.set()
+    return event
 
 
 def prompt_text(body: dict[str, Any]) -> str:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import time
 from collections.abc import AsyncIterable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -26,6 +27,8 @@ if TYPE_CHECKING:
 log = get_logger("gateway.pump")
 _USAGE_MARK = b'"prompt_tokens"'
 _EVENT_END = b"\n\n"
+MAX_EVENT_BYTES = 1 << 20
+"""The longest SSE event held back whole (for a chunk filter or a resumable stream); longer is a broken stream."""
 
 
 @dataclass
@@ -99,7 +102,9 @@ async def pump(
         async with asyncio.timeout(None) as stall_guard:
             while chunk:
                 if whole_events:
-                    chunk, pending = _split_events(pending + chunk)
+                    chunk, pending = _split_events(pending + chunk if pending else chunk)
+                    if len(pending) > MAX_EVENT_BYTES:  # never hold (and rescan) an endless "event"
+                        return f"sent an SSE event over {MAX_EVENT_BYTES} bytes without ending it"
                 if chunk:
                     await write(response, call, chunk)
                 now = loop.time()
@@ -146,6 +151,29 @@ async def replay(call: Call, source: ChunkSource, headers: Mapping[str, str]) ->
     return response
 
 
+class Recorder:
+    """A chunk listener that keeps a call's answer up to ``limit`` bytes (``call.on_chunk(Recorder(...))``).
+
+    Past the limit it keeps nothing more and says so in ``overflow``: a backend's endless stream
+    never becomes the gateway's memory.
+    """
+
+    __slots__ = ("chunks", "limit", "overflow", "size")
+
+    def __init__(self, limit: int) -> None:
+        self.chunks: list[bytes] = []
+        self.limit = limit
+        self.size = 0
+        self.overflow = 0  # bytes seen but not kept
+
+    def __call__(self, chunk: bytes) -> None:
+        if self.overflow or self.size + len(chunk) > self.limit:
+            self.overflow += len(chunk)
+            return
+        self.chunks.append(chunk)
+        self.size += len(chunk)
+
+
 def sse_error(message: str, code: str = "backend_failed") -> bytes:
     """An error event in OpenAI's envelope: how a stream that already started says it failed."""
     payload = {"error": {"message": message, "type": "server_error", "param": None, "code": code}}
@@ -179,6 +207,10 @@ def _object_at(data: bytes) -> dict[str, Any] | None:
         value, _ = _DECODER.raw_decode(data.decode("utf-8", "replace"))
     except ValueError:
         return None
-    if isinstance(value, dict) and all(isinstance(v, int | float | dict | None) for v in value.values()):
+    if isinstance(value, dict) and all(_count(v) or isinstance(v, dict | None) for v in value.values()):
         return value
-    return None
+    return None  # not OpenAI's usage, or counts a backend made up (negative, infinite): none taken
+
+
+def _count(value: object) -> bool:
+    return isinstance(value, int | float) and 0 <= value < math.inf

@@ -318,26 +318,35 @@ class Registry:
         self._changed(backend, "registered")
         return backend
 
-    async def update(self, backend: Backend, changes: dict[str, Any]) -> Backend:
-        """Apply ``changes`` (keys from EDITABLE) to a registered backend."""
+    async def update(self, backend: Backend, changes: dict[str, Any], pending: bool = False) -> Backend:
+        """Apply ``changes`` (keys from EDITABLE) to a registered backend.
+
+        ``pending``: it goes back to wait for approval, in the same write (no request reaches its new
+        address or models in between).
+        """
         if "url" in changes:
             changes["url"] = normalise_url(changes["url"]).url
         if "models" in changes:
             changes["models"] = tuple(changes["models"])
         columns = {k: _value(k, v) for k, v in changes.items() if k in EDITABLE}
-        if columns:
-            assignments = ", ".join(f"{k} = ?" for k in columns)
+        stored = {**columns, "status": PENDING, "status_since": time.time()} if pending else columns
+        if stored:
+            assignments = ", ".join(f"{k} = ?" for k in stored)
             await self.db.execute(
                 f"UPDATE backends SET {assignments}, updated_at = ? WHERE id = ?",
-                (*columns.values(), time.time(), backend.id),
+                (*stored.values(), time.time(), backend.id),
             )
             await self.db.commit()
         for key in columns:
             setattr(backend, key, changes[key])
-        if "url" in columns and backend.status != PENDING:
+        if pending:
+            backend.status, backend.status_since = PENDING, time.time()
+        elif "url" in columns and backend.status != PENDING:
             backend.status, backend.last_error, backend.status_since = UNKNOWN, None, time.time()
         self._reindex()
         self._changed(backend, "updated", ", ".join(sorted(columns)))
+        if pending:
+            self._changed(backend, "pending")
         return backend
 
     async def remove(self, backend: Backend) -> None:

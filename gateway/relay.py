@@ -286,7 +286,7 @@ async def _resume(gateway: Gateway, call: Call, resume: Continuation, headers: C
                 chunk = await step(attempt, upstream.content.readany(), due[0], "timeout", "no first token")
                 if not chunk:
                     raise BackendFailed("bad_answer", "ended the continuation before sending anything")
-            except BackendFailed:
+            except BaseException:  # a failure, or the call cancelled (hang-up, forced stop): let go of it
                 upstream.release()
                 raise
         except BackendFailed as failed_try:
@@ -294,6 +294,12 @@ async def _resume(gateway: Gateway, call: Call, resume: Continuation, headers: C
             attempt.ended = perf_counter()
             backend.in_flight -= 1
             continue
+        except BaseException:
+            attempt.ended = perf_counter()
+            if attempt.outcome == "ok":
+                attempt.outcome = "client_gone"
+            backend.in_flight -= 1
+            raise
         attempt.first_byte = perf_counter()
         gateway.log.info("stream_resumed", request_id=call.request_id, backend=backend.name)
         return attempt, upstream, chunk
@@ -304,8 +310,10 @@ _CONNECT_TIMEOUTS: dict[float, aiohttp.ClientTimeout] = {}
 
 
 def _connect_timeout(seconds: float) -> aiohttp.ClientTimeout:
-    """A per-backend connect timeout (cached: a handful of distinct values at most)."""
+    """A per-backend connect timeout (cached, at most 64 distinct values: registrations choose them)."""
     timeout = _CONNECT_TIMEOUTS.get(seconds)
     if timeout is None:
-        timeout = _CONNECT_TIMEOUTS[seconds] = aiohttp.ClientTimeout(total=None, sock_connect=seconds)
+        timeout = aiohttp.ClientTimeout(total=None, sock_connect=seconds)
+        if len(_CONNECT_TIMEOUTS) < 64:
+            _CONNECT_TIMEOUTS[seconds] = timeout
     return timeout

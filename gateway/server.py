@@ -22,6 +22,7 @@ from typing import Any
 from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
 
+from gateway.call import peer_closed
 from gateway.config import GatewayConfig, ServerConfig
 from gateway.errors import GatewayError
 from gateway.state import GATEWAY
@@ -37,12 +38,13 @@ class BindError(Exception):
 class Connection(RequestHandler):
     """aiohttp's connection handler, plus a deadline for request headers and half-close support."""
 
-    __slots__ = ("_header_timeout", "_header_timer")
+    __slots__ = ("_header_timeout", "_header_timer", "peer_eof")
 
     def __init__(self, manager: web.Server, *, header_timeout: float, **kwargs: Any) -> None:
         super().__init__(manager, **kwargs)
         self._header_timeout = header_timeout
         self._header_timer: asyncio.TimerHandle | None = None
+        self.peer_eof = False  # the client closed its side (maybe only half): see gateway.call.peer_closed
 
     def data_received(self, data: bytes) -> None:
         super().data_received(data)
@@ -60,6 +62,9 @@ class Connection(RequestHandler):
             return False  # idle: nothing is owed
         if not all(payload.is_eof() for payload in pending):
             return False  # a body cut short can never be answered
+        self.peer_eof = True
+        if self._current_request is not None:
+            peer_closed(self._current_request).set()  # a queued request gives up; an answer still goes out
         self._close = True
         return True
 

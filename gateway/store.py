@@ -42,12 +42,19 @@ class Store(Protocol):
 
 
 class MemoryStore:
-    """The default store: this process's memory. Fast, and lost when the process ends."""
+    """The default store: this process's memory. Fast, and lost when the process ends.
+
+    A bucket that has refilled, and a counter or value that has expired, is dropped every
+    ``PRUNE_EVERY`` writes, so callers that come and go (anonymous clients) do not add up.
+    """
+
+    PRUNE_EVERY = 4096
 
     def __init__(self) -> None:
-        self._buckets: dict[str, tuple[float, float]] = {}
+        self._buckets: dict[str, tuple[float, float, float]] = {}  # key -> (tokens, when, full again at)
         self._counters: dict[str, tuple[float, float | None]] = {}
         self._values: dict[str, tuple[bytes, float | None]] = {}
+        self._writes = 0
 
     async def take(self, key: str, amount: float, rate: float, capacity: float, force: bool = False) -> float:
         return self.take_now(key, amount, rate, capacity, force)
@@ -55,10 +62,14 @@ class MemoryStore:
     def take_now(self, key: str, amount: float, rate: float, capacity: float, force: bool = False) -> float:
         """``take`` without a coroutine: for a plugin's synchronous path when the store is this one."""
         tokens, now = self._level(key, rate, capacity)
-        if amount <= tokens or amount <= 0 or force:
-            self._buckets[key] = (min(capacity, tokens - amount), now)
+        taken = amount <= tokens or amount <= 0 or force
+        if taken:
+            tokens = min(capacity, tokens - amount)
+        full_at = now + (capacity - tokens) / rate if rate > 0 else float("inf")
+        self._buckets[key] = (tokens, now, full_at)
+        self._wrote(now)
+        if taken:
             return 0.0
-        self._buckets[key] = (tokens, now)
         return (amount - tokens) / rate if rate > 0 else float("inf")
 
     async def peek(self, key: str, rate: float, capacity: float) -> float:
@@ -66,8 +77,20 @@ class MemoryStore:
 
     def _level(self, key: str, rate: float, capacity: float) -> tuple[float, float]:
         now = time.monotonic()
-        tokens, last = self._buckets.get(key, (capacity, now))
+        tokens, last, _ = self._buckets.get(key, (capacity, now, now))
         return min(capacity, tokens + (now - last) * rate), now
+
+    def _wrote(self, now: float) -> None:
+        self._writes += 1
+        if self._writes % self.PRUNE_EVERY == 0:
+            self.prune(now)
+
+    def prune(self, now: float | None = None) -> None:
+        """Forget buckets that are full again and counters and values that have expired."""
+        now = time.monotonic() if now is None else now
+        self._buckets = {k: b for k, b in self._buckets.items() if b[2] > now}
+        self._counters = {k: c for k, c in self._counters.items() if c[1] is None or c[1] > now}
+        self._values = {k: v for k, v in self._values.items() if v[1] is None or v[1] > now}
 
     async def add(self, key: str, amount: float, ttl: float | None = None) -> float:
         now = time.monotonic()
@@ -76,6 +99,7 @@ class MemoryStore:
             value = 0.0
         value += amount
         self._counters[key] = (value, now + ttl if ttl is not None else expires)
+        self._wrote(now)
         return value
 
     async def get(self, key: str) -> bytes | None:
@@ -89,7 +113,9 @@ class MemoryStore:
         return value
 
     async def set(self, key: str, value: bytes, ttl: float | None = None) -> None:
-        self._values[key] = (value, time.monotonic() + ttl if ttl is not None else None)
+        now = time.monotonic()
+        self._values[key] = (value, now + ttl if ttl is not None else None)
+        self._wrote(now)
 
     async def delete(self, key: str) -> None:
         self._buckets.pop(key, None)

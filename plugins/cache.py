@@ -21,7 +21,7 @@ from aiohttp import web
 
 from gateway import hookimpl
 from gateway.call import Call
-from gateway.pump import ChunkSource
+from gateway.pump import ChunkSource, Recorder
 from gateway.state import Gateway
 from gateway.upstream import call_headers
 from gateway.validate import positive
@@ -103,8 +103,8 @@ class Plugin:
 
     def _record(self, call: Call) -> None:
         if call.stream:
-            recorded = call.state["cache.chunks"] = []
-            call.on_chunk(recorded.append)
+            recorder = call.state["cache.recorder"] = Recorder(self.max_entry)  # no larger answer is kept
+            call.on_chunk(recorder)
 
     async def _get(self, key: str) -> Entry | None:
         if self.store is None:
@@ -121,7 +121,10 @@ class Plugin:
         if call.status != 200 or call.error is not None or call.client_disconnected:
             return None  # a failed, cut or refused answer is never kept
         if call.stream:
-            chunks = tuple(call.state.get("cache.chunks", ()))
+            recorder: Recorder | None = call.state.get("cache.recorder")
+            if recorder is None or recorder.overflow:
+                return None  # not recorded, or too large to keep
+            chunks = tuple(recorder.chunks)
             if not chunks or not chunks[-1].rstrip().endswith(b"[DONE]"):
                 return None  # a stream that did not finish as OpenAI's do
         else:

@@ -74,7 +74,10 @@ class FairQueue:
             if not queue:
                 passed_empty.append(key)
                 continue
-            for waiter in queue:
+            for waiter in list(queue):
+                if waiter.future.done():  # its request gave up (timed out, hung up): it leaves now
+                    queue.remove(waiter)
+                    continue
                 if admit(waiter):
                     queue.remove(waiter)
                     for empty in passed_empty:  # their turn came with nothing to send: they leave the rotation

@@ -9,7 +9,8 @@ and at each scrape): in flight, queue, status, circuit state and the last probe'
 Label values are bounded: a model is its own label only if a backend serves it (or it is a
 routing group), else ``other``; a key's name comes only from an ``Identity``. Each gateway
 has its own registry; see ``plugins/_metric_set.py`` for multiprocess mode. ``/metrics``
-is open (Prometheus scrapes without a key) unless ``require_key: true``.
+is open (Prometheus scrapes without a key) unless ``require_key: true``, or unset with an
+``authenticate`` plugin (auth) enabled: its labels name keys and backends.
 """
 
 from __future__ import annotations
@@ -43,8 +44,12 @@ OTHER = "other"
 
 @dataclass(frozen=True)
 class Options:
-    require_key: bool = field(
-        default=False, metadata={"doc": "demand the admin key (or a readonly/admin key) on GET /metrics"}
+    require_key: bool | None = field(
+        default=None,
+        metadata={
+            "doc": "demand the admin key (or a readonly/admin key) on GET /metrics; unset: only when an "
+            "authenticate plugin (auth) is enabled, since the labels name keys and backends"
+        },
     )
     refresh_interval: float = field(
         default=2.0, metadata={"doc": "seconds between updates of the per-backend gauges", "check": positive}
@@ -65,9 +70,10 @@ class Plugin:
     # -- start-up and routes ------------------------------------------------------------------
 
     @hookimpl
-    def register_routes(self) -> list[web.RouteDef]:
+    def register_routes(self, gateway: Gateway) -> list[web.RouteDef]:
         handler: Callable[..., Any] = self.scrape
-        if self.options.require_key:
+        require = self.options.require_key
+        if require or (require is None and gateway.plugins.authenticate):
             handler = allow("readonly")(self._scrape_as)
         return [web.get("/metrics", handler)]
 

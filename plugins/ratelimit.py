@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from gateway import hookimpl
+from gateway.call import peer_closed
 from gateway.errors import GatewayError
 from gateway.identity import Identity
 from gateway.store import MemoryStore
@@ -172,12 +173,16 @@ class Plugin:
                 return
         waiter = Waiter(ticket.key, call.model, high)
         queued_at = time.perf_counter()
-        self.queue.add(waiter)
-        self.queue.dispatch(self._admit)
         admitted = False
+        closed = asyncio.ensure_future(peer_closed(call.request).wait())
         try:
+            self.queue.add(waiter)
+            self.queue.dispatch(self._admit)
             async with asyncio.timeout(self.options.max_queue_wait):
-                await waiter.future
+                await asyncio.wait((waiter.future, closed), return_when=asyncio.FIRST_COMPLETED)
+            if not waiter.future.done():  # the client closed its connection: nobody to answer
+                call.client_disconnected = True
+                raise GatewayError(499, "the client closed its connection while its request was queued")
             admitted = True
         except TimeoutError:
             wait = self.options.max_queue_wait
@@ -188,12 +193,14 @@ class Plugin:
             raise GatewayError(429, message, code="queue_timeout", headers={"Retry-After": "5"}) from None
         finally:
             call.tags["queue_wait"] = round(time.perf_counter() - queued_at, 4)  # seconds: logged, and for metrics
+            closed.cancel()
             if admitted:
                 ticket.held = waiter.slot
             else:  # timed out or the client hung up: leave the queue, and free a slot granted meanwhile
                 self.queue.remove(waiter)
-                if waiter.future.done() and not waiter.future.cancelled():
+                if waiter.slot is not None:
                     self._release(waiter.slot)
+                    waiter.slot = None
                 waiter.future.cancel()
 
     def _admit(self, waiter: Waiter) -> bool:

@@ -26,6 +26,7 @@ from aiohttp import web
 from gateway import hookimpl
 from gateway.call import Call
 from gateway.errors import GatewayError
+from gateway.pump import Recorder
 from gateway.state import GATEWAY, Gateway
 from gateway.store import MemoryStore
 from gateway.validate import positive
@@ -33,6 +34,7 @@ from plugins import _tokens, _usage_report
 
 _USAGE_MARK = b'"prompt_tokens"'
 _SPENT = "usage:spent:"  # the shared store's counter of a key's spend
+_KEPT_FOR_COUNTING = 4 << 20  # bytes of a stream kept to count its tokens if the backend reports none
 
 
 @dataclass(frozen=True)
@@ -114,9 +116,8 @@ class Plugin:
                 )
         if not call.stream or call.dry_run:
             return
-        chunks: list[bytes] = []
-        call.state["usage.chunks"] = chunks
-        call.on_chunk(chunks.append)
+        recorder = call.state["usage.recorder"] = Recorder(_KEPT_FOR_COUNTING)
+        call.on_chunk(recorder)
         options = call.json.get("stream_options")
         if self.options.stream_usage and not (isinstance(options, dict) and options.get("include_usage")):
             asked = options if isinstance(options, dict) else {}
@@ -159,7 +160,14 @@ class Plugin:
         if call.status != 200:
             return 0, 0, False
         if call.stream:
-            text = _tokens.streamed_text(call.state.get("usage.chunks", ()))
+            recorder: Recorder | None = call.state.get("usage.recorder")
+            text = _tokens.streamed_text(recorder.chunks if recorder else ())
+            if recorder and recorder.overflow:  # the rest of a very long answer: about 4 bytes a token
+                return (
+                    _tokens.prompt_tokens(call.json, self.count_tokens),
+                    self.count_tokens(text) + (recorder.overflow // 4),
+                    True,
+                )
         else:
             body = getattr(call.response, "body", None)
             text = _tokens.answer_text(body) if isinstance(body, bytes) else ""

@@ -117,7 +117,11 @@ async def test_the_admin_key_is_a_superuser_and_rotation_keeps_the_id(gateway: R
 async def test_roles_decide_what_the_admin_api_allows(gateway: RunningGateway) -> None:
     readonly = {"Authorization": f"Bearer {(await issue(gateway, name='ta', role='readonly'))['key']}"}
     user = {"Authorization": f"Bearer {(await issue(gateway, name='u', role='user'))['key']}"}
-    assert (await call("GET", gateway.url + "/admin/servers", headers=readonly))[0] == 200
+    status, listed = await call("GET", gateway.url + "/admin/servers", headers=readonly)
+    assert status == 200 and listed["servers"], "a readonly key sees the backends..."
+    for shown in listed["servers"]:  # ...but never their addresses or their owners' contacts
+        assert {"endpoint_url", "owner_email", "owner_key"}.isdisjoint(shown) and shown["name"]
+    assert "endpoint_url" in (await call("GET", gateway.url + "/admin/servers"))[1]["servers"][0]  # the admin does
     assert (await call("GET", gateway.url + "/admin/stats", headers=readonly))[0] == 200
     status, refused = await call("POST", gateway.url + "/admin/register", {"endpoint_url": "http://x"}, readonly)
     assert status == 403 and refused["error"]["code"] == "insufficient_role"

@@ -8,11 +8,14 @@ import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
+import aiohttp
 import pytest
+from aiohttp import web
 
 from gateway import config as config_mod
 from gateway.app import create_app
 from gateway.server import GatewayServer
+from gateway.state import GATEWAY
 from tests.conftest import StartBackend
 
 
@@ -104,3 +107,55 @@ async def test_headers_sent_in_time_are_served(serve: Callable[..., Any]) -> Non
         await asyncio.sleep(0.05)
     assert (await asyncio.wait_for(reader.read(), 3)).startswith(b"HTTP/1.1 200")
     writer.close()
+
+
+async def test_a_queued_request_whose_client_closed_leaves_the_queue(
+    aiohttp_server: Any, gateway_config: Callable[..., config_mod.GatewayConfig]
+) -> None:
+    """With the gateway's own server a closed and a half-closed client look alike (EOF): one still in the
+    fair queue gives up at once, instead of occupying the busy backend for nobody."""
+    served: list[str] = []
+    one_at_a_time = asyncio.Lock()
+
+    async def chat(request: web.Request) -> web.Response:
+        body = await request.json()
+        async with one_at_a_time:
+            await asyncio.sleep(0.3)
+            served.append(body["messages"][0]["content"])
+        return web.json_response({"id": "c", "object": "chat.completion", "choices": []})
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", chat)
+    backend = await aiohttp_server(app)
+    url = str(backend.make_url("")).rstrip("/")
+    config = gateway_config(
+        server={"port": 0},
+        backends=[{"name": "one-slot", "url": url, "models": ["echo"], "max_concurrency": 1}],
+        plugins={"ratelimit": {"max_queue_wait": 30}},
+    )
+    server = GatewayServer(create_app(config), config.server)
+    await server.start()
+    try:
+        queue = server.app[GATEWAY].plugins.pm.get_plugin("ratelimit").queue
+
+        async def ask(text: str) -> int:
+            body = {"model": "echo", "messages": [{"role": "user", "content": text}]}
+            async with (
+                aiohttp.ClientSession() as session,
+                session.post(f"http://127.0.0.1:{server.port}/v1/chat/completions", json=body) as response,
+            ):
+                return response.status
+
+        first = asyncio.create_task(ask("first"))
+        await asyncio.sleep(0.05)
+        for _ in range(2):  # two clients send their request and close their socket while it is queued
+            _, writer = await asyncio.open_connection("127.0.0.1", server.port)
+            writer.write(_chat(server.port))
+            await writer.drain()
+            writer.close()
+        await asyncio.sleep(0.1)
+        assert len(queue) == 0  # both left at once
+        assert await first == 200 and await asyncio.wait_for(ask("second"), 5) == 200
+        assert served == ["first", "second"]
+    finally:
+        await server.stop()

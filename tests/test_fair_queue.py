@@ -117,3 +117,39 @@ async def test_keys_take_turns_and_an_idle_key_keeps_its_place() -> None:
     assert len(queue) == 0
     with pytest.raises(asyncio.InvalidStateError):
         waiters[2].future.result()  # never admitted
+
+
+async def test_a_waiter_that_gave_up_is_never_admitted_and_leaks_no_slot() -> None:
+    """A queued request cancelled between its future's cancellation and its cleanup (a hang-up, a timeout)
+    must not be handed a slot: before, dispatch reserved one for it and then raised InvalidStateError."""
+    queue, reserved = FairQueue(), []
+    gone, next_one = Waiter("a", "m"), Waiter("b", "m")
+    queue.add(gone)
+    queue.add(next_one)
+    gone.future.cancel()  # what cancelling the waiting task does to the future it awaits
+
+    def admit(waiter: Waiter) -> bool:
+        reserved.append(waiter.key)
+        return True
+
+    assert queue.dispatch(admit) == 1
+    assert reserved == ["b"] and next_one.future.done() and len(queue) == 0
+
+
+async def test_a_request_queued_by_a_client_that_hung_up_frees_its_place_for_the_next(
+    aiohttp_server: Any, start_gateway: StartGateway
+) -> None:
+    gateway = await _one_slot_gateway(aiohttp_server, start_gateway, max_queue_wait=10)
+    plugin = gateway.state.plugins.pm.get_plugin("ratelimit")
+    one_slot = gateway.state.registry.backends["config:one-slot"]
+    busy = asyncio.create_task(_post(gateway.url, "flood"))
+    await eventually(lambda: one_slot.in_flight == 1)
+    impatient = [asyncio.create_task(_post(gateway.url, f"gone{i}")) for i in range(3)]
+    await eventually(lambda: len(plugin.queue) == 3)
+    for task in impatient:  # three clients hang up while queued
+        task.cancel()
+    await asyncio.gather(*impatient, return_exceptions=True)
+    await busy
+    status, _, _ = await asyncio.wait_for(_post(gateway.url, "next"), timeout=5)
+    assert status == 200 and len(plugin.queue) == 0
+    await eventually(lambda: sum(plugin.held.values()) == 0 and one_slot.in_flight == 0)

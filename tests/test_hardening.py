@@ -188,3 +188,39 @@ async def test_failures_are_logged_at_warning_with_their_cause_and_reach_the_bac
     async with aiohttp.ClientSession() as session, session.get(gateway.url + "/admin/servers", headers=ADMIN) as r:
         (server,) = (await r.json())["servers"]
     assert server["last_error"] == "HTTP 500"
+
+
+async def _endless_event(request: web.Request) -> web.StreamResponse:
+    """A hostile backend: one SSE event that never ends, 64 KB at a time."""
+    response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+    await response.prepare(request)
+    await response.write(b"data: ")
+    for _ in range(64):  # 4 MiB in all, never a blank line
+        await response.write(b"x" * 65536)
+    await response.write_eof()
+    return response
+
+
+async def test_an_sse_event_that_never_ends_is_cut_at_a_bound(aiohttp_server: Any, start_gateway: StartGateway) -> None:
+    """When the gateway holds back partial events (a chunk filter, here usage's), a backend must not make it
+    buffer and rescan an endless one: before, the CPU and memory grew with the square of its size."""
+    backend = await raw_backend(aiohttp_server, _endless_event)
+    gateway = await start_gateway(backend, plugins={"usage": {}, "tests.observer_plugin": None})
+    status, text, _ = await post(gateway.base_url + "/chat/completions", {**CHAT, "stream": True})
+    assert status == 200 and "event: error" in text and "xxxx" not in text
+    call = gateway.state.plugins.pm.get_plugin("tests.observer_plugin").calls[-1]
+    assert "SSE event over 1048576 bytes" in (call.error or "")
+    assert call.attempts[-1].outcome == "stalled"
+
+
+async def test_usage_a_backend_makes_up_is_not_taken(aiohttp_server: Any, start_gateway: StartGateway) -> None:
+    """A student's backend reporting negative tokens must not lower anyone's spend: such usage is ignored."""
+
+    async def lying(request: web.Request) -> web.Response:
+        usage = {"prompt_tokens": -10_000_000, "completion_tokens": 3, "total_tokens": -9_999_997}
+        return web.json_response({"id": "c", "object": "chat.completion", "choices": [], "usage": usage})
+
+    gateway = await start_gateway(await raw_backend(aiohttp_server, lying), plugins={"tests.observer_plugin": None})
+    status, _, _ = await post(gateway.base_url + "/chat/completions")
+    assert status == 200
+    assert gateway.state.plugins.pm.get_plugin("tests.observer_plugin").calls[-1].usage is None

@@ -94,7 +94,7 @@ async def test_rate_limit_rejections_queue_length_and_queue_wait(
 ) -> None:
     slow = await start_backend(latency=0.4)
     backends = [{"name": "slow", "url": slow.url, "models": ["echo"], "max_concurrency": 1}]
-    plugins = {KEYS: None, "metrics": {}, "ratelimit": {"max_queue_wait": 10}}
+    plugins = {KEYS: None, "metrics": {"require_key": False}, "ratelimit": {"max_queue_wait": 10}}
     gateway = await start_gateway(backends=backends, plugins=plugins)
     headers = {"Authorization": "Bearer alice,rpm=3"}
     body = {"model": "echo", "messages": [{"role": "user", "content": "hi"}]}
@@ -156,3 +156,7 @@ async def test_metrics_are_open_by_default_and_can_demand_the_admin_key(
         error = (await response.json())["error"]
         assert error["code"] == "invalid_admin_key" and "X-API-Key" in error["message"]
     assert "multiverse_backend_up" in await scrape(closed, headers=ADMIN)
+    with_keys = await start_gateway(backend, plugins={"auth": {}, "metrics": {}})  # key names in labels: closed
+    async with aiohttp.ClientSession() as session, session.get(with_keys.url + "/metrics") as response:
+        assert response.status == 401
+    assert "multiverse_backend_up" in await scrape(with_keys, headers=ADMIN)

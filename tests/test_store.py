@@ -28,3 +28,16 @@ async def test_counters_and_values_expire() -> None:
     assert await store.get("v") is None and await store.add("t", 1) == 1
     await store.delete("c")
     assert await store.add("c", 0) == 0
+
+
+async def test_refilled_buckets_and_expired_entries_are_forgotten() -> None:
+    store = MemoryStore()
+    for i in range(100):  # callers that come once: one bucket each
+        await store.take(f"anon:{i}", 1, rate=1000, capacity=2)
+    await store.add("kept", 1)
+    await store.set("gone", b"x", ttl=0.01)
+    await asyncio.sleep(0.02)  # every bucket is full again (2 tokens at 1,000 a second)
+    await store.take("busy", 2, rate=0.001, capacity=2)  # still empty for a long time
+    store.prune()
+    assert set(store._buckets) == {"busy"} and set(store._counters) == {"kept"} and not store._values
+    assert await store.take("busy", 1, rate=0.001, capacity=2) > 0  # its state survived

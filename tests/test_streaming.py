@@ -151,3 +151,12 @@ def test_the_continuation_asks_to_go_on_from_the_text_so_far() -> None:
     assert call.listeners == [resume.feed]
     resume.feed(b'data: {"choices": [{"text": " upon", "index": 0}]}\r\n\r\n')
     assert json.loads(resume.body()) == {"model": "m", "prompt": "Once upon", "stream": True}
+
+
+def test_a_recorder_keeps_an_answer_up_to_its_limit_then_only_counts() -> None:
+    from gateway.pump import Recorder
+
+    recorder = Recorder(10)
+    for chunk in (b"12345", b"6789", b"abc", b"d"):
+        recorder(chunk)
+    assert (recorder.chunks, recorder.size, recorder.overflow) == ([b"12345", b"6789"], 9, 4)
