@@ -11,14 +11,13 @@ from aiohttp import web
 from gateway import admin, explain, handler
 from gateway.call import shown
 from gateway.config import ConfigError, GatewayConfig
+from gateway.endpoints import ENDPOINTS
 from gateway.errors import GatewayError
 from gateway.netguard import PublicOnlyResolver
 from gateway.plugins import Plugins
 from gateway.registry import Registry
 from gateway.state import GATEWAY, Gateway
 from gateway.store import Store
-
-ENDPOINTS = ("chat/completions", "completions", "embeddings")
 
 
 async def list_models(request: web.Request) -> web.Response:
