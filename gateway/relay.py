@@ -21,7 +21,7 @@ from gateway.endpoints import PASSED_THROUGH
 from gateway.errors import GatewayError
 from gateway.pump import body_usage, pump, sse_error
 from gateway.resume import RESUMABLE, Continuation
-from gateway.rewrite import body_for
+from gateway.rewrite import answer_for, body_for, rename_stream
 from gateway.routing import model_chain, route
 from gateway.upstream import (
     CLIENT_GONE,
@@ -186,6 +186,7 @@ async def _try(
             if not chunk:
                 raise BackendFailed("bad_answer", "ended its event stream before sending anything")
             attempt.first_byte = perf_counter()
+            rename_stream(gateway, call, backend)
             return await _stream(gateway, call, attempt, upstream, chunk, headers)
         attempt.first_byte = perf_counter()
         body = await read_bounded(attempt, upstream, stall, *limit)
@@ -198,6 +199,7 @@ async def _try(
         call.bytes_out = len(body)
         call.usage = body_usage(body)
         backend.served += 1
+        body = answer_for(gateway, call, backend, body)
         return web.Response(status=status, body=body, headers=returned_headers(upstream, call))
     finally:
         upstream.release()
