@@ -19,12 +19,17 @@ from aiohttp import web
 from gateway import relay
 from gateway.call import Call, parse_body, request_id_of, shown
 from gateway.endpoints import MODEL_AT, MULTIPART, form_fields
-from gateway.errors import GatewayError
+from gateway.errors import GatewayError, in_anthropic_shape
 from gateway.pump import ChunkSource, replay, sse_error
 from gateway.state import GATEWAY, Gateway
 from gateway.upstream import CLIENT_GONE, call_headers
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def is_anthropic(request: web.Request) -> bool:
+    """Whether the request is to Anthropic's Messages API, whose errors have Anthropic's shape."""
+    return request.path.startswith("/v1/messages")
 
 
 def proxy(endpoint: str) -> Handler:
@@ -149,6 +154,8 @@ async def _after_crash(call: Call) -> web.StreamResponse | None:
 
 async def send(call: Call, response: web.StreamResponse) -> web.StreamResponse:
     """Write an unsent response now, so that observers run after the client has it."""
+    if response.status >= 400 and isinstance(response, web.Response) and is_anthropic(call.request):
+        response = in_anthropic_shape(response)
     if "X-Request-ID" not in response.headers:
         response.headers["X-Request-ID"] = call.request_id
     try:

@@ -74,6 +74,12 @@ class Surface:
             },
             "rerank": {"model": model, "results": [{"index": 1, "relevance_score": 0.9}], "by": self.name},
             "score": {"model": model, "data": [{"index": 0, "score": 0.5}], "by": self.name},
+            "messages": {
+                "id": "msg_1", "type": "message", "role": "assistant", "model": model,
+                "content": [{"type": "text", "text": f"{self.name} speaks Messages"}],
+                "stop_reason": "end_turn", "stop_sequence": None, "usage": {"input_tokens": 1, "output_tokens": 2},
+            },
+            "messages/count_tokens": {"input_tokens": 7},
         }  # fmt: skip
         if endpoint not in answers:
             return web.json_response({"error": {"message": f"no {endpoint} here"}}, status=404)
