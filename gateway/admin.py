@@ -20,6 +20,7 @@ from gateway.admin_auth import resolve_admin_key as resolve_admin_key
 from gateway.admin_owners import approve, audit_trail, check_owner, record, status_for
 from gateway.checker import refuse_unless_conformant
 from gateway.config import GatewayConfig, ModelProfile, _http_url
+from gateway.endpoints import endpoints_problem
 from gateway.errors import GatewayError
 from gateway.identity import Identity
 from gateway.jsonbody import parse_object, read_object
@@ -57,6 +58,13 @@ class Registration:
         default=None, metadata={"doc": "requests it works on at once (llama.cpp's server: 1)", "check": positive}
     )
     profile: ModelProfile | None = field(default=None, metadata={"doc": "capabilities, tier and cost of its models"})
+    endpoints: list[str] | None = field(
+        default=None,
+        metadata={"doc": "the /v1/ endpoints it serves; unset: every OpenAI one", "check": endpoints_problem},
+    )
+    aliases: dict[str, str] | None = field(
+        default=None, metadata={"doc": "the class's model name -> this server's own name for it"}
+    )
 
 
 def _validated(cls: type[Any], data: dict[str, Any]) -> Any:

@@ -11,14 +11,14 @@ from aiohttp import web
 from gateway import admin, explain, handler
 from gateway.call import shown
 from gateway.config import ConfigError, GatewayConfig
-from gateway.errors import GatewayError
+from gateway.endpoints import ENDPOINTS
+from gateway.errors import GatewayError, in_anthropic_shape
+from gateway.handler import is_anthropic
 from gateway.netguard import PublicOnlyResolver
 from gateway.plugins import Plugins
 from gateway.registry import Registry
 from gateway.state import GATEWAY, Gateway
 from gateway.store import Store
-
-ENDPOINTS = ("chat/completions", "completions", "embeddings")
 
 
 async def list_models(request: web.Request) -> web.Response:
@@ -55,7 +55,17 @@ async def health(request: web.Request) -> web.Response:
 async def error_envelope(
     request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
 ) -> web.StreamResponse:
-    """Errors raised by aiohttp itself (unknown path, wrong method, body too large) in OpenAI's shape."""
+    """Errors raised by aiohttp itself (unknown path, wrong method, body too large) in OpenAI's shape
+    (Anthropic's under /v1/messages)."""
+    response = await _enveloped(request, handler)
+    if response.status >= 400 and not response.prepared and is_anthropic(request):
+        return in_anthropic_shape(response)  # type: ignore[arg-type]
+    return response
+
+
+async def _enveloped(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
     try:
         return await handler(request)
     except web.HTTPRequestEntityTooLarge as exc:

@@ -35,6 +35,8 @@ class Backend:
     weight: float = 1.0
     max_concurrency: int | None = None  # requests it works on at once (a llama.cpp server: 1); None: no limit
     profile: dict[str, Any] | None = None  # capabilities, tier, costs of its models (see ModelProfile)
+    endpoints: list[str] | None = None  # the /v1/ endpoints it serves; None: every OpenAI one (gateway.endpoints)
+    aliases: dict[str, str] | None = None  # the class's model name -> this backend's own name for it
     owner_key: str | None = None  # id of the key that registered it ("admin": the config's admin key)
     status: str = UNKNOWN
     last_error: str | None = None
@@ -85,6 +87,8 @@ class Backend:
             "weight": self.weight,
             "max_concurrency": self.max_concurrency,
             "profile": self.profile,
+            "endpoints": self.endpoints,
+            "aliases": self.aliases,
             "status": self.status,
             "last_error": self.last_error,
             "status_since": self.status_since,

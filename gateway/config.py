@@ -10,10 +10,11 @@ from typing import Any, Literal
 
 import yaml
 
+from gateway.endpoints import endpoints_problem
 from gateway.netguard import url_problem
 from gateway.validate import ValidationError, build, json_schema, positive
 
-DEFAULT_PLUGINS = ("round_robin",)
+DEFAULT_PLUGINS = ("round_robin", "responses")
 """Plugins that run whether or not ``plugins:`` names them."""
 
 MIN_ADMIN_KEY_LENGTH = 16
@@ -50,6 +51,10 @@ class ServerConfig:
     max_body_bytes: int = field(
         default=8 * 1024 * 1024,
         metadata={"doc": "largest request body accepted (413 beyond)", "check": positive},
+    )
+    max_upload_bytes: int = field(
+        default=25 * 1024 * 1024,
+        metadata={"doc": "largest multipart upload (audio transcriptions, translations) accepted", "check": positive},
     )
     shutdown_timeout: float = field(
         default=30.0,
@@ -134,7 +139,19 @@ class BackendConfig:
     name: str = field(metadata={"doc": "a unique name for logs and /admin/servers"})
     url: str = field(metadata={"doc": "base URL of an OpenAI-compatible server", "check": _http_url})
     models: list[str] = field(metadata={"doc": "models this backend serves", "check": _models})
-    api_key: str | None = field(default=None, metadata={"doc": "sent to this backend as a bearer token"})
+    api_key: str | None = field(
+        default=None,
+        metadata={"doc": "sent to this backend as a bearer token; write ${ENV_VAR} to keep it out of this file"},
+    )
+    endpoints: list[str] | None = field(
+        default=None,
+        metadata={"doc": "the /v1/ endpoints it serves (messages: Anthropic's); unset: every OpenAI one",
+                  "check": endpoints_problem},
+    )  # fmt: skip
+    aliases: dict[str, str] = field(
+        default_factory=dict,
+        metadata={"doc": "the class's model name -> this backend's own name for it (requests and answers renamed)"},
+    )
     max_concurrency: int | None = field(
         default=None,
         metadata={
@@ -177,6 +194,10 @@ class ModelProfile:
         default=0.0, metadata={"doc": "price of 1000 prompt tokens (any unit; keys' budgets use the same)"}
     )
     cost_per_1k_completion_tokens: float = field(default=0.0, metadata={"doc": "price of 1000 completion tokens"})
+    aliases: dict[str, str] = field(
+        default_factory=dict,
+        metadata={"doc": "backend name -> that backend's own name for this model (in the models: section)"},
+    )
     cost_per_second: float = field(
         default=0.0,
         metadata={"doc": "price of one second of backend time, for self-hosted models (GPU time, not tokens)"},

@@ -59,3 +59,38 @@ class GatewayError(Exception):
             content_type="application/json",
             headers=headers,
         )
+
+
+_ANTHROPIC_TYPE_BY_STATUS = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    413: "request_too_large",
+    429: "rate_limit_error",
+    503: "overloaded_error",
+    529: "overloaded_error",
+}
+
+
+def in_anthropic_shape(response: web.Response) -> web.Response:
+    """An error answer in Anthropic's shape (``{"type": "error", "error": {"type", "message"}}``) for the
+    Messages endpoints; one already in it (a backend that speaks Messages) is left as it is."""
+    body = response.body
+    try:
+        data = json.loads(body) if isinstance(body, bytes) else None
+    except ValueError:
+        data = None
+    if isinstance(data, dict) and data.get("type") == "error":
+        return response
+    error = data.get("error") if isinstance(data, dict) else None
+    if isinstance(error, dict):
+        message = str(error.get("message") or error)
+    else:
+        message = str(error or (body[:200].decode("utf-8", "replace") if isinstance(body, bytes) else "error"))
+    kind = _ANTHROPIC_TYPE_BY_STATUS.get(response.status, "api_error")
+    shaped = {"type": "error", "error": {"type": kind, "message": message}}
+    headers = {k: v for k, v in response.headers.items() if k.lower() not in ("content-type", "content-length")}
+    return web.Response(
+        status=response.status, body=json.dumps(shaped).encode(), content_type="application/json", headers=headers
+    )

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import json
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -17,12 +18,18 @@ from aiohttp import web
 
 from gateway import relay
 from gateway.call import Call, parse_body, request_id_of, shown
-from gateway.errors import GatewayError
+from gateway.endpoints import MODEL_AT, MULTIPART, form_fields
+from gateway.errors import GatewayError, in_anthropic_shape
 from gateway.pump import ChunkSource, replay, sse_error
 from gateway.state import GATEWAY, Gateway
 from gateway.upstream import CLIENT_GONE, call_headers
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def is_anthropic(request: web.Request) -> bool:
+    """Whether the request is to Anthropic's Messages API, whose errors have Anthropic's shape."""
+    return request.path.startswith("/v1/messages")
 
 
 def proxy(endpoint: str) -> Handler:
@@ -33,8 +40,11 @@ def proxy(endpoint: str) -> Handler:
         request_id = request_id_of(request)
         try:
             identity = await authenticate(gateway, request)
-            body = await read_body(request)
-            data = parse_body(body)
+            if endpoint in MULTIPART:
+                body, data = await read_form(gateway, request)
+            else:
+                body = await read_body(request)
+                data = parse_body(body)
         except GatewayError as exc:
             call = Call(gateway, request, request_id, endpoint, b"", {})
             call.status, call.error = exc.status, exc.message
@@ -42,7 +52,10 @@ def proxy(endpoint: str) -> Handler:
             response = await send(call, exc.to_response({"X-Request-ID": request_id}))
             _finish(gateway, call, response)
             return response
+        model_at = data.pop(MODEL_AT, None)
         call = Call(gateway, request, request_id, endpoint, body, data)
+        if model_at is not None:
+            call.state[MODEL_AT] = (body, *model_at)  # the form as sent, kept should the model change
         call.identity = identity
         return await serve(gateway, call)
 
@@ -57,10 +70,25 @@ async def authenticate(gateway: Gateway, request: web.Request) -> Any:
     return answered[1] if answered else None
 
 
-async def read_body(request: web.Request) -> bytes:
+async def read_form(gateway: Gateway, request: web.Request) -> tuple[bytes, dict[str, Any]]:
+    """A multipart upload (an audio file), within server.max_upload_bytes, and the fields routing reads from it."""
+    limit = gateway.config.server.max_upload_bytes
+    body = await read_body(request.clone(client_max_size=limit), "server.max_upload_bytes")
+    data, model_at = form_fields(body, request.headers.get("Content-Type", ""))
+    parse_body(b'{"model":%s}' % json.dumps(data["model"]).encode())  # the same checks as a JSON body's
+    data[MODEL_AT] = model_at
+    return body, data
+
+
+async def read_body(request: web.Request, setting: str = "server.max_body_bytes") -> bytes:
     """The request's body, decoded as its Content-Encoding says; one that does not decode is a 400."""
     try:
         return await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        limit = request.client_max_size
+        raise GatewayError(
+            413, f"the request body is larger than {limit} bytes; send less, or raise {setting}"
+        ) from None
     except web.RequestPayloadError as exc:
         encoding = shown(request.headers.get("Content-Encoding", "none"), 40)
         raise GatewayError(
@@ -126,6 +154,8 @@ async def _after_crash(call: Call) -> web.StreamResponse | None:
 
 async def send(call: Call, response: web.StreamResponse) -> web.StreamResponse:
     """Write an unsent response now, so that observers run after the client has it."""
+    if response.status >= 400 and isinstance(response, web.Response) and is_anthropic(call.request):
+        response = in_anthropic_shape(response)
     if "X-Request-ID" not in response.headers:
         response.headers["X-Request-ID"] = call.request_id
     try:

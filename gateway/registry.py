@@ -69,6 +69,8 @@ _ADDED_COLUMNS = {
     "profile": "TEXT",
     "max_concurrency": "INTEGER",
     "owner_key": "TEXT",  # who registered it: not editable through the API
+    "endpoints": "TEXT",
+    "aliases": "TEXT",
 }
 EDITABLE = (
     "name",
@@ -82,8 +84,10 @@ EDITABLE = (
     "weight",
     "profile",
     "max_concurrency",
+    "endpoints",
+    "aliases",
 )
-_JSON_COLUMNS = frozenset({"models", "profile"})
+_JSON_COLUMNS = frozenset({"models", "profile", "endpoints", "aliases"})
 
 
 class Registry:
@@ -102,6 +106,7 @@ class Registry:
                 self.log.info("backend_url_normalised", backend=conf.name, note=url.note)
             backend = Backend(f"config:{conf.name}", conf.name, url.url, tuple(conf.models), "config")
             backend.api_key, backend.weight, backend.max_concurrency = conf.api_key, conf.weight, conf.max_concurrency
+            backend.endpoints, backend.aliases = conf.endpoints, conf.aliases or None
             for name in TIMEOUTS:
                 setattr(backend, name, getattr(conf, name))
             self.backends[backend.id] = backend

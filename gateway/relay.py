@@ -17,9 +17,11 @@ from aiohttp import web
 from multidict import CIMultiDict
 
 from gateway.call import Attempt
+from gateway.endpoints import PASSED_THROUGH
 from gateway.errors import GatewayError
 from gateway.pump import body_usage, pump, sse_error
 from gateway.resume import RESUMABLE, Continuation
+from gateway.rewrite import answer_for, body_for, rename_stream
 from gateway.routing import model_chain, route
 from gateway.upstream import (
     CLIENT_GONE,
@@ -159,7 +161,7 @@ async def _try(
 ) -> web.StreamResponse:
     backend = attempt.backend
     due = _first_byte_due(gateway, backend, deadline)
-    upstream = await _open(gateway, call, attempt, headers, call.body, due)
+    upstream = await _open(gateway, call, attempt, headers, body_for(gateway, call, backend), due)
     try:
         status = upstream.status
         routing = gateway.config.routing
@@ -173,7 +175,7 @@ async def _try(
             body = await read_bounded(attempt, upstream, stall, *limit)
             attempt.retry_after = retry_after(upstream.headers.get("Retry-After"))
             raise BackendFailed("http_error", f"HTTP {status}", _passed_on(call, upstream, body))
-        events = upstream.content_type == "text/event-stream"
+        events = upstream.content_type == "text/event-stream" or (call.endpoint in PASSED_THROUGH and status < 300)
         if call.stream and status < 300 and not events:
             kind = upstream.content_type or "no content type"
             raise BackendFailed("bad_answer", f"answered a stream request with {kind}, not an event stream")
@@ -184,6 +186,7 @@ async def _try(
             if not chunk:
                 raise BackendFailed("bad_answer", "ended its event stream before sending anything")
             attempt.first_byte = perf_counter()
+            rename_stream(gateway, call, backend)
             return await _stream(gateway, call, attempt, upstream, chunk, headers)
         attempt.first_byte = perf_counter()
         body = await read_bounded(attempt, upstream, stall, *limit)
@@ -196,6 +199,7 @@ async def _try(
         call.bytes_out = len(body)
         call.usage = body_usage(body)
         backend.served += 1
+        body = answer_for(gateway, call, backend, body)
         return web.Response(status=status, body=body, headers=returned_headers(upstream, call))
     finally:
         upstream.release()

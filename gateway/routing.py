@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from gateway.endpoints import not_served, serves
 from gateway.errors import GatewayError
 
 if TYPE_CHECKING:
@@ -47,6 +48,10 @@ def route(gateway: Gateway, call: Call, trace: dict[str, Any] | None = None) -> 
         _trace_registry(gateway, call, trace)
     if not candidates:
         raise no_backend(gateway, call.model)
+    endpoint = call.endpoint
+    candidates = [b for b in candidates if serves(b, endpoint)]
+    if not candidates:
+        raise not_served(call.model, endpoint)
     for plugin, fn in gateway.plugins.filters:
         try:
             kept = fn(call, candidates)

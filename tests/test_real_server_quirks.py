@@ -140,10 +140,10 @@ async def test_a_failing_endpoint_opens_its_own_circuit_not_the_backends(
 
 async def test_an_unknown_path_under_v1_lists_the_endpoints_served(start_gateway: StartGateway) -> None:
     gateway = await start_gateway()
-    status, body, _ = await post(gateway.base_url + "/responses", {"model": "echo", "input": "hi"})
+    status, body, _ = await post(gateway.base_url + "/assistants", {"model": "echo", "input": "hi"})
     assert status == 404 and body["error"]["type"] == "not_found_error"
     message = body["error"]["message"]
-    assert "/v1/responses" in message and all(
+    assert "/v1/assistants" in message and all(
         f"/v1/{e}" in message for e in ("chat/completions", "completions", "embeddings", "models")
     )
 
