@@ -123,15 +123,16 @@ async def streams(url: str, count: int, chunks: int, gap_ms: float) -> dict[str,
     }
 
 
-def _gateway_config(tmp: Path, port: int, backend_port: int, extra: str | None = None) -> Path:
+def _gateway_config(tmp: Path, port: int, backend_port: int, extra: str | None = None, workers: str = "1") -> Path:
     """The default plugins of gateway.yaml; ``extra`` names a YAML file whose ``plugins`` are added."""
     plugins = "health: {interval: 10, timeout: 5}, circuit_breaker: {}, task_aware: {}"
     if extra:
         added = yaml.safe_load(Path(extra).read_text())["plugins"]
         plugins += ", " + ", ".join(f"{name}: {json.dumps(options or {})}" for name, options in added.items())
     config = tmp / f"gateway-{port}.yaml"
+    more = "" if workers == "1" else f", workers: {workers}"  # an older checkout knows no server.workers
     config.write_text(
-        f"server: {{port: {port}}}\nstorage: {{sqlite: ./gw-{port}.db}}\n"
+        f"server: {{port: {port}{more}}}\nstorage: {{sqlite: ./gw-{port}.db}}\n"
         f"admin: {{api_key: {ADMIN_KEY}}}\n"
         f"backends: [{{name: bench, url: 'http://127.0.0.1:{backend_port}', models: [bench]}}]\n"
         "logging: {level: info, format: json}\n"
@@ -155,7 +156,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     urls["bare aiohttp relay"] = f"http://127.0.0.1:{port}"
     for name, env in args.gateways:
         port = free_port()
-        config = _gateway_config(tmp, port, backend_port, env.pop("PLUGINS", None))
+        config = _gateway_config(tmp, port, backend_port, env.pop("PLUGINS", None), env.pop("WORKERS", "1"))
         command = [sys.executable, "-m", "gateway", "serve", "--config", str(config)]
         source = env.pop("SOURCE", str(ROOT))  # another checkout's code, e.g. the previous commit's
         procs[name] = subprocess.Popen(command, stdout=log, stderr=log, cwd=source, env={**os.environ, **env})
@@ -253,7 +254,8 @@ def main() -> None:
         action="append",
         metavar="NAME[:VAR=VALUE,...]",
         help="a gateway to measure, with extra environment (SOURCE=DIR runs that checkout's code, PLUGINS=FILE adds "
-        "the plugins of that YAML file); repeatable (default: one, 'gateway')",
+        "the plugins of that YAML file, WORKERS=N sets server.workers: CPU is then the parent's only); "
+        "repeatable (default: one, 'gateway')",
     )
     parser.add_argument("--json", help="also write the raw figures here")
     args = parser.parse_args()

@@ -24,6 +24,12 @@ def _port(value: int) -> str | None:
     return None if 0 <= value <= 65535 else f"must be a port number 0-65535, got {value}"
 
 
+def _workers(value: int | str) -> str | None:
+    if value == "auto" or (isinstance(value, int) and value >= 1):
+        return None
+    return f"must be a number of processes (1 or more) or 'auto' (one per core), got {value!r}"
+
+
 def _http_url(value: str) -> str | None:
     """The checks every backend URL passes, registered or configured (see netguard.normalise_url)."""
     return url_problem(value)
@@ -66,6 +72,10 @@ class ServerConfig:
     header_timeout: float = field(
         default=10.0,
         metadata={"doc": "seconds a client may take to send a request's headers (408 beyond)", "check": positive},
+    )
+    workers: int | str = field(
+        default=1,
+        metadata={"doc": "processes serving the port (SO_REUSEPORT); 'auto': one per core", "check": _workers},
     )
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import json
+import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -20,6 +21,7 @@ from gateway import relay
 from gateway.call import Call, parse_body, request_id_of, shown
 from gateway.endpoints import MODEL_AT, MULTIPART, form_fields
 from gateway.errors import GatewayError, in_anthropic_shape
+from gateway.logs import request_line
 from gateway.pump import ChunkSource, replay, sse_error
 from gateway.state import GATEWAY, Gateway
 from gateway.upstream import CLIENT_GONE, call_headers
@@ -230,4 +232,4 @@ def _log_line(gateway: Gateway, call: Call, failed: bool) -> None:
     if call.upstream_id != call.request_id:
         core["backend_request_id"] = call.upstream_id
     # a plugin's tag never hides a core field
-    (gateway.log.warning if failed else gateway.log.info)("request", **{**call.tags, **core, **outcome})
+    request_line(gateway.log, logging.WARNING if failed else logging.INFO, "request", {**call.tags, **core, **outcome})

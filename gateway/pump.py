@@ -40,15 +40,28 @@ class ChunkSource:
     headers: Mapping[str, str] = field(default_factory=lambda: {"Content-Type": "text/event-stream"})
 
 
-async def write(response: web.StreamResponse, call: Call, chunk: bytes) -> None:
-    """Send one chunk to the client (through the call's filters) and let the call's listeners see it."""
+class EventStream(web.StreamResponse):
+    """A streamed answer whose headers leave with its first chunk: one write and one packet, not two.
+
+    aiohttp's ``StreamResponse`` sends its headers alone at ``prepare()``; a relay only prepares
+    once the first chunk is in hand, so the client woke twice for nothing.
+    """
+
+    _send_headers_immediately = False
+
+
+async def write(response: web.StreamResponse, call: Call, chunk: bytes, last: bool = False) -> None:
+    """Send one chunk to the client (through the call's filters) and let the call's listeners see it.
+
+    ``last``: nothing follows, so the chunk leaves with the end of the response in one write.
+    """
     if _USAGE_MARK in chunk:
         call.usage = stream_usage(chunk) or call.usage
     if call.filters:
         chunk = _filtered(call, chunk)
         if not chunk:
             return
-    await response.write(chunk)
+    await (response.write_eof(chunk) if last else response.write(chunk))
     call.bytes_out += len(chunk)
     call.chunks += 1
     if call.listeners:
@@ -106,7 +119,7 @@ async def pump(
                     if len(pending) > MAX_EVENT_BYTES:  # never hold (and rescan) an endless "event"
                         return f"sent an SSE event over {MAX_EVENT_BYTES} bytes without ending it"
                 if chunk:
-                    await write(response, call, chunk)
+                    await write(response, call, chunk, not pending and content.at_eof() and not content.exception())
                 now = loop.time()
                 if backend is not None:
                     backend.active_at = now

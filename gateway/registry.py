@@ -17,7 +17,7 @@ from typing import Any
 
 import aiosqlite
 
-from gateway import audit
+from gateway import audit, migrations
 from gateway.backend import (
     HEALTHY,
     MISMATCHED,
@@ -126,38 +126,26 @@ class Registry:
         ``owner`` is the plugin's name; its schema version (how many steps were applied) is kept in the
         ``plugin_schemas`` table. Each step and its version are committed together. Returns the version.
         """
-        await self.db.execute(
-            "CREATE TABLE IF NOT EXISTS plugin_schemas (plugin TEXT PRIMARY KEY, version INTEGER NOT NULL)"
-        )
-        await self.db.commit()
-        async with self.db.execute("SELECT version FROM plugin_schemas WHERE plugin = ?", (owner,)) as cursor:
-            row = await cursor.fetchone()
-        current = int(row[0]) if row else 0
-        quoted = owner.replace("'", "''")
-        for version, script in enumerate(steps[current:], current + 1):
-            await self.db.executescript(
-                f"BEGIN;\n{script.rstrip().rstrip(';')};\n"
-                f"INSERT OR REPLACE INTO plugin_schemas (plugin, version) VALUES ('{quoted}', {version});\nCOMMIT;"
-            )
-        return max(current, len(steps))
+        return await migrations.migrate(self.db, self.db_path, owner, steps)
 
     async def open(self) -> None:
         self.db_path.parent.mkdir(parents=True, exist_ok=True)
         self._keep_files_private()
         self._db = await aiosqlite.connect(self.db_path)
         self._db.row_factory = aiosqlite.Row
-        await self._db.execute("PRAGMA journal_mode=WAL")
-        self._keep_files_private()  # the -wal and -shm files exist from here on
-        await self._db.execute("PRAGMA synchronous=NORMAL")
         await self._db.execute("PRAGMA busy_timeout=5000")
-        await self._db.executescript(_SCHEMA + audit.SCHEMA)
-        async with self._db.execute("PRAGMA table_info(backends)") as cursor:
-            present = {row["name"] async for row in cursor}
-        for column, kind in _ADDED_COLUMNS.items():
-            if column not in present:
-                await self._db.execute(f"ALTER TABLE backends ADD COLUMN {column} {kind}")
-        await self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
-        await self._db.commit()
+        async with migrations.schema_lock(self.db_path):  # workers starting together: one creates, the rest see
+            await self._db.execute("PRAGMA journal_mode=WAL")
+            self._keep_files_private()  # the -wal and -shm files exist from here on
+            await self._db.execute("PRAGMA synchronous=NORMAL")
+            await self._db.executescript(_SCHEMA + audit.SCHEMA)
+            async with self._db.execute("PRAGMA table_info(backends)") as cursor:
+                present = {row["name"] async for row in cursor}
+            for column, kind in _ADDED_COLUMNS.items():
+                if column not in present:
+                    await self._db.execute(f"ALTER TABLE backends ADD COLUMN {column} {kind}")
+            await self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+            await self._db.commit()
         async with self._db.execute("SELECT * FROM backends ORDER BY created_at") as cursor:
             async for row in cursor:
                 backend = Backend(

@@ -19,7 +19,7 @@ from multidict import CIMultiDict
 from gateway.call import Attempt
 from gateway.endpoints import PASSED_THROUGH
 from gateway.errors import GatewayError
-from gateway.pump import body_usage, pump, sse_error
+from gateway.pump import EventStream, body_usage, pump, sse_error
 from gateway.resume import RESUMABLE, Continuation
 from gateway.rewrite import answer_for, body_for, rename_stream
 from gateway.routing import model_chain, route
@@ -230,7 +230,7 @@ async def _stream(
 ) -> web.StreamResponse:
     """Relay chunks as they arrive. After the first byte a failure ends the stream with an
     error event, or, with routing.resume_streams, continues it on another backend."""
-    response = web.StreamResponse(status=upstream.status, headers=returned_headers(upstream, call))
+    response = EventStream(status=upstream.status, headers=returned_headers(upstream, call))
     call.status = upstream.status
     call.first_byte_at = attempt.first_byte
     routing = gateway.config.routing

@@ -26,6 +26,7 @@ from gateway.call import peer_closed
 from gateway.config import GatewayConfig, ServerConfig
 from gateway.errors import GatewayError
 from gateway.state import GATEWAY
+from gateway.workers import port_free, serve_workers, worker_count
 
 _Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 SHUTTING_DOWN = "the gateway is shutting down; retry in a moment"
@@ -113,7 +114,9 @@ class GatewayServer:
         loop = asyncio.get_running_loop()
         host, port = self.settings.host, self.settings.port
         try:
-            self.listener = await loop.create_server(self._connection, host, port, start_serving=False)
+            self.listener = await loop.create_server(
+                self._connection, host, port, start_serving=False, reuse_port=worker_count(self.settings.workers) > 1
+            )
         except OSError as exc:
             raise BindError(_bind_problem(host, port, exc)) from None
         try:
@@ -298,4 +301,11 @@ async def _run(config: GatewayConfig) -> int:
 
 def serve(config: GatewayConfig) -> int:
     """Run the gateway until SIGTERM or Ctrl-C; the exit status (2: it could not listen)."""
-    return asyncio.run(_run(config))
+    count = worker_count(config.server.workers)
+    if count == 1:
+        return asyncio.run(_run(config))
+    taken = port_free(config.server.host, config.server.port)
+    if taken is not None:
+        print(f"multiverse: {_bind_problem(config.server.host, config.server.port, taken)}", file=sys.stderr)
+        return 2
+    return serve_workers(count, lambda: asyncio.run(_run(config)))

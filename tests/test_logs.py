@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Iterator
 
 import pytest
@@ -41,3 +42,24 @@ def test_debug_lines_are_dropped_at_info(json_logs: None, capsys: pytest.Capture
     logs.configure("info", "json")
     logs.get_logger("test").debug("noise")
     assert capsys.readouterr().out == ""
+
+
+def test_the_request_line_written_directly_is_the_line_structlog_writes(
+    json_logs: None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    logs.configure("info", "json")
+    fields = {"request_id": "r1", "model": "Bearer sk-abc", "api_key": "k", "status": 200, "prompt_tokens": 3}
+    logs.get_logger("gateway").warning("request", **fields)
+    logs.request_line(logs.get_logger("gateway"), logging.WARNING, "request", dict(fields))
+    through_chain, direct = (json.loads(line) for line in capsys.readouterr().out.splitlines())
+    assert through_chain.pop("timestamp")[:10] == direct.pop("timestamp")[:10]
+    assert list(direct.items()) == list(through_chain.items())  # same fields, order and redaction
+    assert direct["model"] == "Bearer [redacted]" and direct["api_key"] == "[redacted]"
+
+
+def test_the_direct_request_line_keeps_the_level_threshold(json_logs: None, capsys: pytest.CaptureFixture[str]) -> None:
+    logs.configure("warning", "json")
+    logs.request_line(logs.get_logger("gateway"), logging.INFO, "request", {"status": 200})
+    assert capsys.readouterr().out == ""
+    logs.request_line(logs.get_logger("gateway"), logging.WARNING, "request", {"status": 500})
+    assert json.loads(capsys.readouterr().out)["level"] == "warning"

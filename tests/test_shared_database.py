@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import Any
 
@@ -51,3 +52,18 @@ async def test_a_registration_through_one_gateway_is_served_by_the_other(
     status, body = await _call("POST", second.base_url + "/chat/completions", CHAT, None)
     assert status == 404 and body["error"]["code"] == "model_not_found"
     assert len(moved.seen) == 1
+
+
+async def test_gateways_opening_one_new_database_at_once_all_start(tmp_path: Any, gateway_config: Any) -> None:
+    """Workers start together on a new database: each would add the same columns and plugin tables."""
+    from gateway.registry import Registry
+
+    config = gateway_config(storage={"sqlite": str(tmp_path / "new.db")})
+    registries = [Registry(config.database_path, config.backends) for _ in range(4)]
+    await asyncio.gather(*(r.open() for r in registries))
+    versions = await asyncio.gather(
+        *(r.migrate("counter", ["CREATE TABLE counter_hits (n INTEGER)"]) for r in registries)
+    )
+    assert versions == [1, 1, 1, 1]
+    for registry in registries:
+        await registry.close()
