@@ -172,9 +172,13 @@ def _probe_url(backend: Backend, path: str) -> str:
 
 
 def _listed_models(body: bytes) -> set[str]:
-    """Model ids from an OpenAI /v1/models answer; an unreadable one lists nothing."""
+    """Model ids from an OpenAI /v1/models answer; an unreadable one lists nothing.
+
+    Gemini lists ``models/gemini-2.0-flash`` for the model that requests name ``gemini-2.0-flash``: both count.
+    """
     try:
         entries = json.loads(body).get("data") or []
     except (ValueError, AttributeError):
         return set()
-    return {e["id"] for e in entries if isinstance(e, dict) and isinstance(e.get("id"), str)}
+    ids = {e["id"] for e in entries if isinstance(e, dict) and isinstance(e.get("id"), str)}
+    return ids | {i.removeprefix("models/") for i in ids}

@@ -28,6 +28,7 @@ class Provider:
     version: str = "/v1"
     refuse: int | None = None  # answer every request with this status (401, 403)
     busy: bool = False  # answer 429 with Retry-After
+    listed: str = "gpt-4o-mini"  # the id GET /models lists (Gemini: models/gemini-2.0-flash)
     seen: list[tuple[str, str]] = field(default_factory=list)  # (path, Authorization) of each request
     url: str = ""
 
@@ -64,7 +65,7 @@ class Provider:
 
     async def _models(self, request: web.Request) -> web.Response:
         refusal = self._refusal(request)
-        return refusal or web.json_response({"object": "list", "data": [{"id": "gpt-4o-mini", "object": "model"}]})
+        return refusal or web.json_response({"object": "list", "data": [{"id": self.listed, "object": "model"}]})
 
 
 @pytest.fixture
@@ -102,9 +103,10 @@ async def test_a_base_url_that_ends_in_its_version_takes_api_path_empty(
     start_provider: Any, start_gateway: StartGateway, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("OPENAI_API_KEY", KEY)
-    gemini = await start_provider(prefix="/v1beta/openai", version="")
-    gateway = await start_gateway(backends=[hosted(gemini, "gemini", api_path="")], plugins={"health": {}})
-    reply = await gateway.chat(model="gpt-4o-mini")
+    gemini = await start_provider(prefix="/v1beta/openai", version="", listed="models/gemini-2.0-flash")
+    backend = {**hosted(gemini, "gemini", api_path=""), "models": ["gemini-2.0-flash"]}
+    gateway = await start_gateway(backends=[backend], plugins={"health": {}})
+    reply = await gateway.chat(model="gemini-2.0-flash")
     assert reply.status == 200, reply.body
     assert gemini.seen[-1] == ("/v1beta/openai/chat/completions", f"Bearer {KEY}")
     probed = await gateway.post("/admin/health/probe", {}, headers=ADMIN)
