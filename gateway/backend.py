@@ -37,6 +37,7 @@ class Backend:
     profile: dict[str, Any] | None = None  # capabilities, tier, costs of its models (see ModelProfile)
     endpoints: list[str] | None = None  # the /v1/ endpoints it serves; None: every OpenAI one (gateway.endpoints)
     aliases: dict[str, str] | None = None  # the class's model name -> this backend's own name for it
+    api_path: str = "/v1"  # between url and the endpoint; "" when url already ends in its version (config only)
     owner_key: str | None = None  # id of the key that registered it ("admin": the config's admin key)
     status: str = UNKNOWN
     last_error: str | None = None
@@ -53,6 +54,10 @@ class Backend:
     def auth_headers(self) -> dict[str, str]:
         """What proves the gateway to this backend: its own key as a bearer token, if it has one."""
         return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+
+    def endpoint_url(self, endpoint: str) -> str:
+        """Where ``endpoint`` (``chat/completions``, ``models``) is served: ``{url}{api_path}/{endpoint}``."""
+        return f"{self.url}{self.api_path}/{endpoint}"
 
     @property
     def routable(self) -> bool:

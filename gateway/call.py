@@ -22,10 +22,11 @@ if TYPE_CHECKING:
 MAX_MODEL_NAME = 256
 MAX_ID_LENGTH = 128
 
-OUTCOMES = ("ok", "connect_error", "timeout", "http_error", "bad_answer", "stalled", "client_gone")
+OUTCOMES = ("ok", "connect_error", "timeout", "http_error", "bad_answer", "stalled", "client_gone", "key_refused")
 """What came of one attempt: answered, could not connect, no (first) byte in time, an error status or
 redirect, an answer that is not what was asked for (not JSON, not an event stream, too large), silence
-or a break mid-answer, or the client hung up while it ran."""
+or a break mid-answer, the client hung up while it ran, or the backend refused the gateway's own key
+(401/403: the gateway's configuration, see gateway.refused)."""
 
 
 @dataclass(slots=True, eq=False)

@@ -35,6 +35,12 @@ def _http_url(value: str) -> str | None:
     return url_problem(value)
 
 
+def _api_path(value: str) -> str | None:
+    if value == "" or (value.startswith("/") and not value.endswith("/") and "?" not in value):
+        return None
+    return f"must be empty or a path such as /v1 (a leading /, no trailing /), got {value!r}"
+
+
 def _admin_key(value: str | None) -> str | None:
     if value is not None and len(value) < MIN_ADMIN_KEY_LENGTH:
         return (
@@ -153,6 +159,11 @@ class BackendConfig:
         default=None,
         metadata={"doc": "sent to this backend as a bearer token; write ${ENV_VAR} to keep it out of this file"},
     )
+    api_path: str = field(
+        default="/v1",
+        metadata={"doc": "what comes between url and the endpoint (chat/completions); '' for a base URL that "
+                  "already ends in its version, as Gemini's .../v1beta/openai does", "check": _api_path},
+    )  # fmt: skip
     endpoints: list[str] | None = field(
         default=None,
         metadata={"doc": "the /v1/ endpoints it serves (messages: Anthropic's); unset: every OpenAI one",

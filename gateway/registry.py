@@ -106,7 +106,7 @@ class Registry:
                 self.log.info("backend_url_normalised", backend=conf.name, note=url.note)
             backend = Backend(f"config:{conf.name}", conf.name, url.url, tuple(conf.models), "config")
             backend.api_key, backend.weight, backend.max_concurrency = conf.api_key, conf.weight, conf.max_concurrency
-            backend.endpoints, backend.aliases = conf.endpoints, conf.aliases or None
+            backend.endpoints, backend.aliases, backend.api_path = conf.endpoints, conf.aliases or None, conf.api_path
             for name in TIMEOUTS:
                 setattr(backend, name, getattr(conf, name))
             self.backends[backend.id] = backend
@@ -334,7 +334,7 @@ class Registry:
             setattr(backend, key, changes[key])
         if pending:
             backend.status, backend.status_since = PENDING, time.time()
-        elif "url" in columns and backend.status != PENDING:
+        elif ("url" in columns or "api_key" in columns) and backend.status != PENDING:  # a new chance
             backend.status, backend.last_error, backend.status_since = UNKNOWN, None, time.time()
         self._reindex()
         self._changed(backend, "updated", ", ".join(sorted(columns)))

@@ -20,6 +20,7 @@ from gateway.call import Attempt
 from gateway.endpoints import PASSED_THROUGH
 from gateway.errors import GatewayError
 from gateway.pump import EventStream, body_usage, pump, sse_error
+from gateway.refused import KEY_REFUSED, REFUSING_STATUSES, refusal, take_out
 from gateway.resume import RESUMABLE, Continuation
 from gateway.rewrite import answer_for, body_for, rename_stream
 from gateway.routing import model_chain, route
@@ -84,6 +85,10 @@ def _exhausted(gateway: Gateway, call: Call, chain: list[str], late: bool) -> Ga
         deadline = gateway.config.routing.deadline
         message = f"no backend started answering model {names} within routing.deadline ({deadline:g}s); tried: {tried}"
         return GatewayError(504, message, code="deadline_exceeded")
+    if call.failures and all(a.outcome == KEY_REFUSED for a in call.failures):
+        message = f"the provider refused the gateway's own API key for model {names} ({tried})"
+        fix = "this is the gateway's configuration, not your request: ask its admin to fix the backend's api_key"
+        return GatewayError(502, f"{message}; {fix}", code="provider_key_refused")
     if call.attempts and call.attempts[-1].status is not None:  # it answered, but not acceptably
         return GatewayError(
             502, f"no backend gave a valid answer for model {names} ({tried})", code="bad_backend_response"
@@ -101,6 +106,8 @@ async def _attempt(
         return await _try(gateway, call, attempt, headers, deadline)
     except BackendFailed as failed:
         _failed(gateway, call, attempt, failed.outcome, failed.reason)
+        if failed.outcome == KEY_REFUSED:
+            await take_out(gateway, attempt)
         raise
     except (asyncio.CancelledError, *CLIENT_GONE):
         if attempt.outcome == "ok":
@@ -124,6 +131,8 @@ def _failed(
 ) -> None:
     attempt.outcome, attempt.reason, attempt.mid_stream = outcome, reason, mid_stream
     attempt.ended = attempt.ended or perf_counter()
+    if outcome == KEY_REFUSED:  # the gateway's configuration, not the backend's failure: refused.take_out tells
+        return
     backend = attempt.backend
     backend.failed += 1
     backend.last_error = reason
@@ -149,7 +158,7 @@ async def _open(
         headers.update(backend.auth_headers())
     timeout = _connect_timeout(backend.connect_timeout) if backend.connect_timeout else None
     sending = gateway.http.post(
-        f"{backend.url}/v1/{call.endpoint}", data=body, headers=headers, allow_redirects=False, timeout=timeout
+        backend.endpoint_url(call.endpoint), data=body, headers=headers, allow_redirects=False, timeout=timeout
     )
     upstream = await step(attempt, sending, due[0], "timeout", f"no answer within {due[1]}")
     attempt.status = upstream.status
@@ -171,6 +180,9 @@ async def _try(
             raise BackendFailed(
                 "http_error", f"answered with a redirect (HTTP {status}), which the gateway never follows"
             )
+        if status in REFUSING_STATUSES:
+            await read_bounded(attempt, upstream, stall, *limit)
+            raise refusal(status)
         if status >= 500 or status in RETRY_STATUSES:
             body = await read_bounded(attempt, upstream, stall, *limit)
             attempt.retry_after = retry_after(upstream.headers.get("Retry-After"))

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from gateway.backend import MISMATCHED
 from gateway.endpoints import not_served, serves
 from gateway.errors import GatewayError
+from gateway.refused import KEY_REFUSED
 
 if TYPE_CHECKING:
     from gateway.call import Call
@@ -24,7 +26,8 @@ class PluginFailed(Exception):
 
 
 def model_chain(gateway: Gateway, call: Call) -> list[str]:
-    """The models to try in turn: a group's members (rotated per call), else the model, then fallbacks."""
+    """The models to try in turn: a group's members (rotated per call), else the model, then the fallbacks
+    the caller may use."""
     routing = gateway.config.routing
     members = routing.groups.get(call.model)
     if members:
@@ -34,6 +37,8 @@ def model_chain(gateway: Gateway, call: Call) -> list[str]:
         start = turn % len(members)
         return [*members[start:], *members[:start]]
     fallbacks = call.fallbacks if call.fallbacks is not None else routing.fallbacks.get(call.model, ())
+    if fallbacks:  # only models the caller may use (filter_models: e.g. the auth plugin's per-key list)
+        fallbacks = gateway.plugins.pipe("filter_models", list(fallbacks), call.identity)
     return [call.model, *fallbacks]
 
 
@@ -116,6 +121,15 @@ def _plugin_failed(
 
 def no_backend(gateway: Gateway, model: str) -> GatewayError:
     if model in gateway.registry.all_models():
+        serving = [b for b in gateway.registry.backends.values() if model in b.models]
+        refused = [b.name for b in serving if b.status == MISMATCHED and KEY_REFUSED in b.notes]
+        if refused and not any(b.routable for b in serving):
+            return GatewayError(
+                503,
+                f"model '{model}' is out of service: its provider refused the gateway's own API key "
+                f"({', '.join(refused)}); ask the gateway's admin to fix the backend's api_key",
+                code="provider_key_refused",
+            )
         return GatewayError(
             503,
             f"every backend serving model '{model}' is unhealthy; try again shortly or choose another model",

@@ -5,7 +5,8 @@ A circuit opens after ``consecutive_failures`` failures in a row, or when at lea
 seen). While open, the backend gets no traffic; after ``cooldown`` seconds one
 trial request is let through (half-open): success closes the circuit, failure
 opens it again. A 429 is not a failure: the backend is skipped for its
-Retry-After (or ``cooldown``) instead. A client that hangs up proves nothing either way.
+Retry-After (or ``cooldown``) instead. A client that hangs up proves nothing either way, nor
+does a provider refusing the gateway's key (the core takes that backend out itself).
 
 Circuits are per backend and endpoint: a chat-only server failing every embeddings
 request keeps serving chat.
@@ -20,6 +21,7 @@ from typing import TYPE_CHECKING
 
 from gateway import hookimpl
 from gateway.logs import get_logger
+from gateway.refused import KEY_REFUSED
 from gateway.validate import positive, share
 
 if TYPE_CHECKING:
@@ -27,6 +29,7 @@ if TYPE_CHECKING:
     from gateway.registry import Backend
 
 CLOSED, OPEN, HALF_OPEN = "closed", "open", "half_open"
+UNCOUNTED = frozenset({"client_gone", KEY_REFUSED})  # KEY_REFUSED: a configuration error (gateway.refused)
 log = get_logger("multiverse.circuit_breaker")
 
 
@@ -118,8 +121,8 @@ class Plugin:
             backend.notes.pop("circuit", None)
 
     def _observe(self, call: Call, attempt: Attempt, now: float) -> None:
-        if attempt.outcome == "client_gone" or attempt.started < self.moved_at.get(attempt.backend.id, 0.0):
-            return  # the client left, or the try went to the address the backend has since left
+        if attempt.outcome in UNCOUNTED or attempt.started < self.moved_at.get(attempt.backend.id, 0.0):
+            return  # the client left, the gateway's key was refused, or the try went to an address since left
         circuit = self._circuit(attempt.backend, call.endpoint)
         if attempt.status == 429:
             circuit.busy_until = now + (attempt.retry_after or self.options.cooldown)

@@ -23,6 +23,7 @@ from aiohttp import web
 from gateway import hookimpl
 from gateway.admin_auth import allow
 from gateway.identity import Identity
+from gateway.refused import FIX
 from gateway.registry import HEALTHY, MISMATCHED, PENDING, UNHEALTHY, Backend
 from gateway.validate import positive
 
@@ -133,7 +134,7 @@ class Plugin:
         try:
             timeout = aiohttp.ClientTimeout(total=self.options.timeout)
             async with gateway.http.get(
-                backend.url + path, timeout=timeout, allow_redirects=False, headers=headers
+                _probe_url(backend, path), timeout=timeout, allow_redirects=False, headers=headers
             ) as response:
                 body = await response.read()
         except TimeoutError:
@@ -142,6 +143,8 @@ class Plugin:
             return UNHEALTHY, f"GET {path} timed out after {self.options.timeout:g}s"
         except (aiohttp.ClientError, ValueError) as exc:  # ValueError: a URL aiohttp cannot use (an old registration)
             return UNHEALTHY, f"GET {path} failed: {type(exc).__name__}"
+        if response.status == 401:  # the same key as its requests carry: no use routing to it (gateway.refused)
+            return MISMATCHED, f"GET {path}: the provider refused its api_key (HTTP 401); {FIX}"
         if response.status != 200:
             return UNHEALTHY, f"GET {path} answered HTTP {response.status}"
         if path == "/v1/models":
@@ -163,10 +166,19 @@ class Plugin:
         log("backend_health_changed", backend=backend.name, status=status, previous=previous, error=error)
 
 
+def _probe_url(backend: Backend, path: str) -> str:
+    """``path`` on the backend: /v1/... follows its api_path (Gemini's base URL already ends in its version)."""
+    return backend.endpoint_url(path[4:]) if path.startswith("/v1/") else backend.url + path
+
+
 def _listed_models(body: bytes) -> set[str]:
-    """Model ids from an OpenAI /v1/models answer; an unreadable one lists nothing."""
+    """Model ids from an OpenAI /v1/models answer; an unreadable one lists nothing.
+
+    Gemini lists ``models/gemini-2.0-flash`` for the model that requests name ``gemini-2.0-flash``: both count.
+    """
     try:
         entries = json.loads(body).get("data") or []
     except (ValueError, AttributeError):
         return set()
-    return {e["id"] for e in entries if isinstance(e, dict) and isinstance(e.get("id"), str)}
+    ids = {e["id"] for e in entries if isinstance(e, dict) and isinstance(e.get("id"), str)}
+    return ids | {i.removeprefix("models/") for i in ids}
