@@ -68,7 +68,17 @@ async def authenticate(gateway: Gateway, request: web.Request) -> Any:
     """The caller's identity from the ``authenticate`` hook; None (anonymous) when no plugin knows."""
     if not gateway.plugins.authenticate:
         return None
-    answered = await gateway.plugins.call_first(gateway.plugins.authenticate, request, gateway)
+    try:
+        answered = await gateway.plugins.call_first(gateway.plugins.authenticate, request, gateway)
+    except GatewayError:
+        raise
+    except Exception:  # a broken plugin: refuse (never let the caller in as anonymous), in the envelope
+        gateway.log.exception("authenticate_failed", plugins=[name for name, _ in gateway.plugins.authenticate])
+        raise GatewayError(
+            500,
+            "the gateway could not check who is calling (an authenticate plugin failed); see its log",
+            code="authentication_failed",
+        ) from None
     return answered[1] if answered else None
 
 

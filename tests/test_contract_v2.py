@@ -412,3 +412,24 @@ def test_plugin_commands_join_the_cli(tmp_path: Path) -> None:
         capture_output=True, text=True, cwd=tmp_path, env={"PATH": "", "PYTHONPATH": str(Path.cwd())},
     )  # fmt: skip
     assert (result.returncode, result.stdout) == (3, "hello class\n"), result.stderr
+
+
+async def test_an_authenticate_plugin_that_raises_refuses_in_the_envelope(
+    tmp_path: Path, start_backend: StartBackend, start_gateway: StartGateway
+) -> None:
+    path = write_plugin(
+        tmp_path,
+        """
+        from gateway import hookimpl
+
+        @hookimpl
+        def authenticate(request):
+            return request.headers["X-Missing"]
+        """,
+    )
+    backend = await start_backend()
+    gateway = await start_gateway(backend, plugins={path: None})
+    with structlog.testing.capture_logs() as logs:
+        status, body, _ = await _post(gateway.url)
+    assert status == 500 and body["error"]["code"] == "authentication_failed"  # refused, not let in anonymous
+    assert backend.seen == [] and [e["plugins"] for e in logs if e["event"] == "authenticate_failed"] == [[path]]
