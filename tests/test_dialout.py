@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
 import random
 import signal
+import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -75,28 +77,42 @@ async def test_sixteen_streams_share_one_connection_chunk_for_chunk_and_a_slow_r
     start_backend: StartBackend, start_gateway: StartGateway, tmp_path: Path
 ) -> None:
     backend = await start_backend(models=["tiny"], chunks=20, delay=0.02)
-    gateway, agent = await dialed(start_gateway, backend, tmp_path)
-    body = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "stream": True}
+    by_url = await start_backend(models=["tiny-http"], chunks=20, delay=0.02, name="by-url")
+    gateway, agent = await dialed(start_gateway, backend, tmp_path, by_url)
+
+    def body(model: str) -> dict[str, object]:
+        return {"model": model, "messages": [{"role": "user", "content": "hi"}], "stream": True}
+
     async with aiohttp.ClientSession() as session:
-        slow = await session.post(gateway.url + "/v1/chat/completions", json=body)  # read later, if at all
+        slow = await session.post(gateway.url + "/v1/chat/completions", json=body("tiny"))  # read later, if at all
 
-        async def one() -> tuple[list[bytes], float]:
+        async def one(model: str) -> tuple[list[bytes], list[float], float]:
             started = time.perf_counter()
-            async with session.post(gateway.url + "/v1/chat/completions", json=body) as response:
+            arrivals = []
+            async with session.post(gateway.url + "/v1/chat/completions", json=body(model)) as response:
                 assert response.status == 200
-                chunks = [chunk async for chunk in response.content.iter_any()]
-            return chunks, time.perf_counter() - started
+                chunks = []
+                async for chunk in response.content.iter_any():
+                    chunks.append(chunk)
+                    arrivals.append(time.perf_counter())
+            return chunks, [b - a for a, b in itertools.pairwise(arrivals[:20])], time.perf_counter() - started
 
-        results = await asyncio.gather(*(one() for _ in range(16)))
+        both = await asyncio.gather(*(one(m) for _ in range(16) for m in ("tiny", "tiny-http")))  # interleaved
         slow.close()
     assert len({id(b.transport) for b in gateway.state.registry.backends.values() if b.source == "api"}) == 1
-    for chunks, took in results:
+    for chunks, _, took in both:
         words = [c for c in chunks if b'"content": "w' in c or b'"content": " w' in c]
         assert len(words) == 20  # each word (sent 20 ms apart) its own chunk: none merged
         assert [w.split(b'"content": "')[1].split(b'"')[0].strip() for w in words] == [
             f"w{i}".encode() for i in range(20)
         ]  # in order
         assert took < 20 * 0.02 + 1.5  # the slow reader held up no one
+    through_agent = statistics.median(g for _, gaps, _ in both[0::2] for g in gaps)
+    over_http = statistics.median(g for _, gaps, _ in both[1::2] for g in gaps)
+    # The goal is 0.3 ms (met in docs/benchmarks.md, separate processes). Here the client, the
+    # gateway and both backends share one event loop with 32 streams: measured +0.03 to +0.35 ms on a
+    # shared 2-core machine, so the bound is looser than the goal, to catch a regression, not noise.
+    assert through_agent - over_http < 0.001, (through_agent, over_http)
     await agent.stop(signal.SIGKILL)
 
 
@@ -248,5 +264,21 @@ async def test_a_fuzzing_agent_is_disconnected_and_logged_and_never_takes_the_ga
     assert (await gateway.get("/v1/models")).status == 200
     agent = await start_agent(gateway.url, ADMIN_KEY, backend.url, tmp_path / "a.json", "--name", "ana", dial_out=True)
     await agent.wait_for("over an outbound connection")
+    assert (await gateway.chat(model="tiny")).status == 200
+    await agent.stop(signal.SIGKILL)
+
+
+async def test_a_model_server_that_stops_answering_takes_its_backend_out_until_it_answers_again(
+    start_backend: StartBackend, start_gateway: StartGateway, tmp_path: Path
+) -> None:
+    backend = await start_backend(models=["tiny"])
+    gateway, agent = await dialed(start_gateway, backend, tmp_path)
+    link = link_of(gateway)
+    backend.models_status = 503  # GET /v1/models fails: the agent hangs up rather than take requests
+    await eventually(lambda: link.closed, timeout=3.0)
+    await agent.wait_for("backend down at")
+    assert (await gateway.chat(model="tiny")).status == 503
+    backend.models_status = 200
+    await agent.wait_for("reconnected as ana")
     assert (await gateway.chat(model="tiny")).status == 200
     await agent.stop(signal.SIGKILL)
