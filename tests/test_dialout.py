@@ -15,6 +15,7 @@ from pathlib import Path
 
 import aiohttp
 import openai
+import pytest
 
 from gateway.agent_frames import MAX_FRAME, PATH, TOKEN_HEADER, control, data_frame, read_control
 from gateway.agent_link import AgentLink
@@ -282,3 +283,27 @@ async def test_a_model_server_that_stops_answering_takes_its_backend_out_until_i
     await agent.wait_for("reconnected as ana")
     assert (await gateway.chat(model="tiny")).status == 200
     await agent.stop(signal.SIGKILL)
+
+
+@pytest.mark.parametrize("resume", [False, True])
+async def test_a_stream_answering_when_the_agent_dies_ends_with_an_error_event_or_resumes(
+    start_backend: StartBackend, start_gateway: StartGateway, tmp_path: Path, resume: bool
+) -> None:
+    local = await start_backend(models=["tiny"], chunks=40, delay=0.05)
+    remote = await start_backend(models=["tiny"], chunks=40, name="by-url")
+    routing = {"resume_streams": resume, "strategy": "round_robin"}
+    gateway, agent = await dialed(start_gateway, local, tmp_path, remote, routing=routing)
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "stream": True}
+    async with aiohttp.ClientSession() as session:
+        for _ in range(2):  # round robin: one of the two goes through the agent
+            async with session.post(gateway.url + "/v1/chat/completions", json=body) as response:
+                if response.headers["X-Multiverse-Backend"] != "ana":
+                    await response.read()
+                    continue
+                assert b"w0" in await response.content.readany()
+                await agent.stop(signal.SIGKILL)
+                rest = await response.read()
+    if resume:
+        assert b"event: error" not in rest and b"w39" in rest and b"[DONE]" in rest  # continued on by-url
+    else:
+        assert b"event: error" in rest and b"failed mid-stream" in rest
