@@ -106,13 +106,28 @@ class Agent:
         timeout = aiohttp.ClientTimeout(total=max(5.0, self.options.interval))
         async with aiohttp.ClientSession(timeout=timeout) as self._session:
             try:
-                await self._beat_until_stopped()
+                if self.dials_out:
+                    await self._dial_until_stopped()
+                else:
+                    await self._beat_until_stopped()
             except Refused as exc:
                 self.say(f"refused: {exc}")
                 return EXIT_REFUSED
             if self.registered is not None:
                 await self._leave()
         return 0
+
+    @property
+    def dials_out(self) -> bool:
+        """No public URL given: the gateway cannot reach the backend, so the agent connects out to it."""
+        return self.options.public_url is None and self.options.public_url_file is None
+
+    async def _dial_until_stopped(self) -> None:
+        from gateway.agent_dial import DialOut
+
+        streams = aiohttp.ClientTimeout(total=None, sock_connect=10.0)  # answers stream for as long as they take
+        async with aiohttp.ClientSession(timeout=streams) as session:
+            await DialOut(self).run(session)
 
     async def _beat_until_stopped(self) -> None:
         backoff = 1.0

@@ -139,6 +139,7 @@ def create_app(config: GatewayConfig) -> web.Application:
     app = web.Application(middlewares=[error_envelope], client_max_size=config.server.max_body_bytes)
     app[GATEWAY] = gateway
     app.cleanup_ctx.append(_lifecycle)
+    app.on_shutdown.append(lambda app: app[GATEWAY].close_connections())
     app.router.add_get("/v1/models", list_models)
     for endpoint in ENDPOINTS:
         app.router.add_post(f"/v1/{endpoint}", handler.proxy(endpoint))

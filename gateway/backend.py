@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from gateway.transport import Transport
 
 UNKNOWN, HEALTHY, UNHEALTHY, MISMATCHED = "unknown", "healthy", "unhealthy", "mismatched"
 PENDING = "pending"
@@ -50,6 +53,8 @@ class Backend:
     """``time.monotonic()`` when a request of ours last got bytes from it: a busy backend is not a dead one."""
     notes: dict[str, Any] = field(default_factory=dict)
     """Plugins' per-backend state worth showing (e.g. a circuit breaker's), keyed by plugin."""
+    transport: Transport | None = None
+    """How the relay reaches it: None for the HTTP pool, else e.g. its agent's connection (runtime only)."""
 
     def auth_headers(self) -> dict[str, str]:
         """What proves the gateway to this backend: its own key as a bearer token, if it has one."""

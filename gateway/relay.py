@@ -24,6 +24,7 @@ from gateway.refused import KEY_REFUSED, REFUSING_STATUSES, refusal, take_out
 from gateway.resume import RESUMABLE, Continuation
 from gateway.rewrite import answer_for, body_for, rename_stream
 from gateway.routing import model_chain, route
+from gateway.transport import HTTP, Upstream
 from gateway.upstream import (
     CLIENT_GONE,
     RETRY_STATUSES,
@@ -42,7 +43,7 @@ if TYPE_CHECKING:
     from gateway.registry import Backend
     from gateway.state import Gateway
 
-Opened = tuple[Attempt, aiohttp.ClientResponse, bytes]
+Opened = tuple[Attempt, Upstream, bytes]
 
 
 async def relay(gateway: Gateway, call: Call) -> web.StreamResponse:
@@ -150,16 +151,14 @@ def _first_byte_due(gateway: Gateway, backend: Backend, deadline: float) -> tupl
 
 async def _open(
     gateway: Gateway, call: Call, attempt: Attempt, headers: CIMultiDict[str], body: bytes, due: tuple[float, str]
-) -> aiohttp.ClientResponse:
-    """Send the request to one backend and return its response once its headers are in."""
+) -> Upstream:
+    """Send the request to one backend (through its transport) and return its response once its headers are in."""
     backend = attempt.backend
     if backend.api_key:
         headers = headers.copy()
         headers.update(backend.auth_headers())
     timeout = _connect_timeout(backend.connect_timeout) if backend.connect_timeout else None
-    sending = gateway.http.post(
-        backend.endpoint_url(call.endpoint), data=body, headers=headers, allow_redirects=False, timeout=timeout
-    )
+    sending = (backend.transport or HTTP).open(gateway, call, backend, headers, body, timeout)
     upstream = await step(attempt, sending, due[0], "timeout", f"no answer within {due[1]}")
     attempt.status = upstream.status
     return upstream
@@ -217,7 +216,7 @@ async def _try(
         upstream.release()
 
 
-def _passed_on(call: Call, upstream: aiohttp.ClientResponse, body: bytes) -> web.Response:
+def _passed_on(call: Call, upstream: Upstream, body: bytes) -> web.Response:
     """A backend's own error for the client: as sent if it is JSON, else wrapped in OpenAI's envelope."""
     status = upstream.status
     if looks_like_json(body):
@@ -236,7 +235,7 @@ async def _stream(
     gateway: Gateway,
     call: Call,
     attempt: Attempt,
-    upstream: aiohttp.ClientResponse,
+    upstream: Upstream,
     chunk: bytes,
     headers: CIMultiDict[str],
 ) -> web.StreamResponse:
@@ -247,7 +246,7 @@ async def _stream(
     call.first_byte_at = attempt.first_byte
     routing = gateway.config.routing
     resume = Continuation(call) if routing.resume_streams and call.endpoint in RESUMABLE else None
-    resumed: list[tuple[aiohttp.ClientResponse, Backend]] = []
+    resumed: list[tuple[Upstream, Backend]] = []
     await response.prepare(call.request)
     call.response = response
     try:

@@ -143,6 +143,7 @@ class GatewayServer:
             self.listener.close()
         if self.runner.server is not None:
             self.runner.server.pre_shutdown()  # idle keep-alive connections close now, busy ones after their answer
+        await self.app[GATEWAY].close_connections()  # agents reconnect to another gateway process
         if self.in_flight:
             count = len(self.in_flight)
             log.info(

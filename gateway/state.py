@@ -34,6 +34,8 @@ class Gateway:
     tasks: set[asyncio.Task[Any]] = field(default_factory=set)
     store: Store = field(default_factory=MemoryStore)
     """State several gateway processes may share (rate buckets, counters, a cache): see gateway/store.py."""
+    connections: set[web.WebSocketResponse] = field(default_factory=set)
+    """Long-lived connections (agents dialed in): closed first at shutdown, so draining never waits on them."""
     _http: aiohttp.ClientSession | None = None
 
     def __post_init__(self) -> None:
@@ -73,6 +75,9 @@ class Gateway:
         self.plugins.call_sync_logged(
             "backend_status_changed", "backend_status_changed_failed", self, backend, event, reason
         )
+
+    async def close_connections(self) -> None:
+        await asyncio.gather(*(ws.close() for ws in list(self.connections)), return_exceptions=True)
 
     async def stop_tasks(self) -> None:
         for task in list(self.tasks):

@@ -19,6 +19,7 @@ from multidict import CIMultiDict
 
 if TYPE_CHECKING:
     from gateway.call import Attempt, Call
+    from gateway.transport import Upstream
 
 HOP_BY_HOP = frozenset(
     {
@@ -71,7 +72,7 @@ def forward_headers(request: web.Request, call: Call) -> CIMultiDict[str]:
     return out
 
 
-def returned_headers(upstream: aiohttp.ClientResponse, call: Call) -> CIMultiDict[str]:
+def returned_headers(upstream: Upstream, call: Call) -> CIMultiDict[str]:
     out = without(upstream.headers, _NOT_RETURNED)
     out.update(call_headers(call))
     return out
@@ -104,9 +105,7 @@ async def step(attempt: Attempt, work: Awaitable[T], until: float, outcome: str,
         raise BackendFailed("connect_error" if attempt.first_byte is None else "stalled", describe(exc)) from None
 
 
-async def read_bounded(
-    attempt: Attempt, upstream: aiohttp.ClientResponse, stall: float, limit: int, setting: str
-) -> bytes:
+async def read_bounded(attempt: Attempt, upstream: Upstream, stall: float, limit: int, setting: str) -> bytes:
     """A whole answer body: at most ``limit`` bytes, and never ``stall`` seconds without a byte."""
     length = upstream.content_length
     if length is not None and length > limit:

@@ -129,28 +129,7 @@ def plugin_heartbeat(plugin: Plugin) -> Handler:
         if not low <= beat.interval <= high:
             raise GatewayError(400, f"interval must be between {low:g} and {high:g} seconds", param="interval")
         url = (await check_backend_url(beat.endpoint_url, gateway.config.admin.allow_private_backends)).url
-        async with gateway.registry.lock:
-            lease = _lease_of(plugin, caller, token_hash, beat.name)
-            backend = gateway.registry.backends.get(lease.registration_id or "")
-            changed = await (
-                _move(gateway, caller, backend, url, beat) if backend else _add(gateway, caller, lease, url, beat)
-            )
-            backend = changed[0]
-            if lease.registration_id != backend.id or lease.interval != beat.interval or lease.name != beat.name:
-                lease.registration_id, lease.interval, lease.name = backend.id, beat.interval, beat.name
-                await plugin.save(gateway, lease)
-        lease.renew()
-        if lease.draining == "agent":  # a restarted agent; an admin's drain holds until the agent leaves
-            lease.draining = ""
-        if backend.status == UNHEALTHY and backend.last_error == OFFLINE:
-            await gateway.registry.set_status(backend, UNKNOWN, event="online")
-        from plugins.leases import agent_note
-
-        backend.notes["agent"] = agent_note(lease, beat.load or {})
-        events = changed[1]
-        if events:
-            await record(gateway, caller, events[0], backend, fields=events[1:])
-            gateway.log.info("agent_" + events[0], registration_id=backend.id, backend=backend.name, fields=events[1:])
+        backend, lease, events = await keep(plugin, gateway, caller, token_hash, beat, url)
         answer = {
             "registration_id": backend.id,
             "name": backend.name,
@@ -165,6 +144,35 @@ def plugin_heartbeat(plugin: Plugin) -> Handler:
         return web.json_response(answer, status=201 if events[:1] == ["registered"] else 200)
 
     return heartbeat
+
+
+async def keep(
+    plugin: Plugin, gateway: Gateway, caller: Identity, token_hash: str, beat: Beat, url: str
+) -> tuple[Backend, Lease, list[str]]:
+    """Register, move or renew the agent's backend at ``url``; the events that changed something."""
+    async with gateway.registry.lock:
+        lease = _lease_of(plugin, caller, token_hash, beat.name)
+        backend = gateway.registry.backends.get(lease.registration_id or "")
+        changed = await (
+            _move(gateway, caller, backend, url, beat) if backend else _add(gateway, caller, lease, url, beat)
+        )
+        backend = changed[0]
+        if lease.registration_id != backend.id or lease.interval != beat.interval or lease.name != beat.name:
+            lease.registration_id, lease.interval, lease.name = backend.id, beat.interval, beat.name
+            await plugin.save(gateway, lease)
+    lease.renew()
+    if lease.draining == "agent":  # a restarted agent; an admin's drain holds until the agent leaves
+        lease.draining = ""
+    if backend.status == UNHEALTHY and backend.last_error == OFFLINE:
+        await gateway.registry.set_status(backend, UNKNOWN, event="online")
+    from plugins.leases import agent_note
+
+    backend.notes["agent"] = agent_note(lease, beat.load or {})
+    events = changed[1]
+    if events:
+        await record(gateway, caller, events[0], backend, fields=events[1:])
+        gateway.log.info("agent_" + events[0], registration_id=backend.id, backend=backend.name, fields=events[1:])
+    return backend, lease, events
 
 
 async def _add(gateway: Gateway, caller: Identity, lease: Lease, url: str, beat: Beat) -> tuple[Backend, list[str]]:
@@ -250,18 +258,24 @@ def plugin_leave(plugin: Plugin) -> Handler:
         backend = gateway.registry.backends.get(lease.registration_id or "") if lease else None
         if lease is None or backend is None:
             raise GatewayError(404, "this agent has no registration here (nothing to remove)")
-        lease.expires_at, lease.draining = 0.0, ""
-        if body.get("keep"):
-            await gateway.registry.set_status(backend, UNHEALTHY, OFFLINE, event="offline")
-            answer = {"registration_id": backend.id, "kept": True, "status": backend.status}
-        else:
-            await gateway.registry.remove(backend)
-            await record(gateway, caller, "removed", backend, owner_key=backend.owner_key)
-            answer = {"registration_id": backend.id, "deleted": True}
-        gateway.log.info("agent_left", registration_id=backend.id, backend=backend.name, kept=bool(body.get("keep")))
+        answer = await leave_now(gateway, caller, lease, backend, bool(body.get("keep")))
         return web.json_response(answer)
 
     return leave
+
+
+async def leave_now(gateway: Gateway, caller: Identity, lease: Lease, backend: Backend, kept: bool) -> dict[str, Any]:
+    """An agent leaves: its backend is removed, or kept as offline."""
+    lease.expires_at, lease.draining = 0.0, ""
+    if kept:
+        await gateway.registry.set_status(backend, UNHEALTHY, OFFLINE, event="offline")
+        answer = {"registration_id": backend.id, "kept": True, "status": backend.status}
+    else:
+        await gateway.registry.remove(backend)
+        await record(gateway, caller, "removed", backend, owner_key=backend.owner_key)
+        answer = {"registration_id": backend.id, "deleted": True}
+    gateway.log.info("agent_left", registration_id=backend.id, backend=backend.name, kept=kept)
+    return answer
 
 
 def plugin_token(plugin: Plugin) -> Callable[[web.Request, Gateway, Identity], Awaitable[web.Response]]:

@@ -25,6 +25,7 @@ from gateway.admin_auth import allow
 from gateway.identity import Identity
 from gateway.refused import FIX
 from gateway.registry import HEALTHY, MISMATCHED, PENDING, UNHEALTHY, Backend
+from gateway.transport import dialed_in
 from gateway.validate import positive
 
 if TYPE_CHECKING:
@@ -71,7 +72,9 @@ class Plugin:
     async def probe_due(self, gateway: Gateway, now: float | None = None) -> None:
         """Probe, concurrently, every backend whose turn has come; each at most once."""
         now = time.monotonic() if now is None else now
-        backends = [b for b in gateway.registry.backends.values() if b.status != PENDING]  # not approved yet
+        backends = [  # not approved yet, or reached only through its agent's connection (which is its health)
+            b for b in gateway.registry.backends.values() if b.status != PENDING and not dialed_in(b.url)
+        ]
         tracks = {}
         for backend in backends:  # a backend that moved to a new URL starts afresh
             track = self.tracks.get(backend.id)

@@ -18,8 +18,9 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 
 from gateway import hookimpl
+from gateway.transport import dialed_in
 from gateway.validate import positive
-from plugins import _lease_api
+from plugins import _lease_api, _lease_link
 
 if TYPE_CHECKING:
     from gateway.call import Call
@@ -111,6 +112,8 @@ class Plugin:
             return None
         if lease.draining:
             return "draining: " + ("its agent is stopping" if lease.draining == "agent" else "an admin drained it")
+        if dialed_in(backend.url) and backend.transport is None:
+            return "its agent is not connected (the connection is its lease)"
         if lease.expires_at <= now:
             return f"lease expired: no heartbeat from its agent for {lease.seconds:g} s"
         return None
@@ -134,7 +137,7 @@ class Plugin:
 
     @hookimpl
     def register_routes(self, gateway: Gateway) -> list[web.RouteDef]:
-        return _lease_api.routes(self)
+        return [*_lease_api.routes(self), _lease_link.route(self)]
 
 
 def agent_note(lease: Lease, load: dict[str, Any]) -> dict[str, Any]:

@@ -49,10 +49,22 @@ class AgentProcess:
 
 
 async def start_agent(
-    gateway_url: str, key: str, backend_url: str, state: Path, *extra: str, interval: float = 0.3, **env: Any
+    gateway_url: str,
+    key: str,
+    backend_url: str,
+    state: Path,
+    *extra: str,
+    interval: float = 0.3,
+    dial_out: bool = False,
+    **env: Any,
 ) -> AgentProcess:
-    """Start ``multiverse agent`` (through ``python -m gateway``) against a running gateway."""
+    """Start ``multiverse agent`` (through ``python -m gateway``) against a running gateway.
+
+    By heartbeats, the gateway reaching the backend at its URL; ``dial_out``: over one connection the agent opens.
+    """
     args = ["--gateway", gateway_url, "--key", key, "--backend", backend_url, "--state", str(state)]
+    if not dial_out and "--public-url" not in extra:
+        args += ["--public-url", backend_url]
     process = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "gateway", "agent", *args, "--interval", str(interval), *extra,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, cwd=state.parent,

@@ -89,6 +89,28 @@ async def test_the_agent_registers_the_real_server(
     await agent.wait_for("removed from the gateway")
 
 
+async def test_the_real_server_answers_the_openai_sdk_through_an_agent_that_dialed_out(
+    llama: LlamaServer, start_gateway: StartGateway, tmp_path: Path
+) -> None:
+    admin = {"api_key": ADMIN_KEY, "allow_private_backends": False}  # 127.0.0.1 cannot be registered by URL
+    gateway = await start_gateway(plugins={"leases": {}}, admin=admin)
+    state = tmp_path / "a.json"
+    agent = await start_agent(gateway.url, ADMIN_KEY, llama.url, state, "--name", "gemma-out", dial_out=True)
+    assert "serving gemma-3-270m" in await agent.wait_for("over an outbound connection", timeout=30)
+    client = openai.AsyncOpenAI(base_url=gateway.base_url, api_key="unused", max_retries=0)
+    chat = await client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "Hello"}], max_tokens=8
+    )
+    assert chat.choices[0].message.content is not None
+    pieces = [
+        c.choices[0].text
+        async for c in await client.completions.create(model=MODEL, prompt="One, two,", max_tokens=8, stream=True)
+    ]
+    assert len(pieces) > 1  # streamed token by token, through the one connection
+    assert await agent.stop() == 0
+    await agent.wait_for("removed from the gateway")
+
+
 async def _complete(session: aiohttp.ClientSession, url: str) -> tuple[int, str]:
     body = {"model": MODEL, "prompt": "Count: one, two,", "max_tokens": 32}
     async with session.post(url + "/v1/completions", json=body) as answer:
