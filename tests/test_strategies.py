@@ -77,7 +77,9 @@ async def test_least_loaded_beats_round_robin_with_unequal_backends(
         share[strategy] = sum(name == "b0" for name, _ in results) / len(results)
     assert share["round_robin"] == 0.5
     assert share["least_loaded"] > 0.75, share
-    assert mean["least_loaded"] < 0.6 * mean["round_robin"], mean
+    # the slow backend's 0.14 s extra is avoided: an absolute margin, which a busy machine's overhead
+    # (added to both strategies alike) cannot eat the way it ate a ratio
+    assert mean["least_loaded"] < mean["round_robin"] - 0.02, mean
 
 
 async def test_least_loaded_reads_vllm_queue_lengths(start_backend: StartBackend, start_gateway: StartGateway) -> None:
