@@ -95,6 +95,7 @@ class Plugins:
         self.answer_request = self.impls("answer_request")
         self.filters = self.impls("filter_candidates")
         self.request_complete = self.impls("request_complete")
+        self._ready: dict[str, Impls] = {}  # from here on the plugins are fixed: each hook's list is worked out once
 
     def _add(self, name: str, options: dict[str, Any] | None, base_dir: Path) -> list[str]:
         try:
@@ -143,13 +144,19 @@ class Plugins:
 
     def impls(self, hook: str) -> Impls:
         """(plugin name, function) for a hook in calling order; each function takes the spec's arguments."""
+        ready: dict[str, Impls] | None = getattr(self, "_ready", None)
+        if ready is not None and hook in ready:
+            return ready[hook]
         caller = getattr(self.pm.hook, hook)
         spec = tuple(caller.spec.argnames) if caller.spec else ()
         found = sorted(
             caller.get_hookimpls(),
             key=lambda i: (0 if i.tryfirst else 2 if i.trylast else 1, self.order.get(i.plugin_name, 0)),
         )
-        return [(impl.plugin_name, _adapt(impl.function, tuple(impl.argnames), spec)) for impl in found]
+        impls = [(impl.plugin_name, _adapt(impl.function, tuple(impl.argnames), spec)) for impl in found]
+        if ready is not None:
+            ready[hook] = impls
+        return impls
 
     def _collect_strategies(self) -> tuple[dict[str, Strategy], dict[str, str]]:
         strategies: dict[str, Strategy] = {}

@@ -56,7 +56,7 @@ async def write(response: web.StreamResponse, call: Call, chunk: bytes, last: bo
     ``last``: nothing follows, so the chunk leaves with the end of the response in one write.
     """
     if _USAGE_MARK in chunk:
-        call.usage = stream_usage(chunk) or call.usage
+        call.usage = body_usage(chunk) or call.usage  # OpenAI sends it in the last event before [DONE]
     if call.filters:
         chunk = _filtered(call, chunk)
         if not chunk:
@@ -205,11 +205,6 @@ def body_usage(body: bytes) -> dict[str, Any] | None:
     if end > 0 and body.find(b"{", start + 1, end) < 0:
         return _object_at(body[start : end + 1])
     return _object_at(body[start : start + 4096])
-
-
-def stream_usage(chunk: bytes) -> dict[str, Any] | None:
-    """The ``usage`` in a stream chunk (OpenAI sends it in the last event before ``[DONE]``)."""
-    return body_usage(chunk)
 
 
 _DECODER = json.JSONDecoder()
