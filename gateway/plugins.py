@@ -25,6 +25,7 @@ import pluggy
 
 from gateway import PROJECT, hookspecs
 from gateway.config import DEFAULT_PLUGINS, ConfigError, GatewayConfig
+from gateway.errors import GatewayError
 from gateway.hookspecs import Strategy
 from gateway.logs import get_logger
 from gateway.plugin_loading import (
@@ -188,8 +189,6 @@ class Plugins:
 
     async def call_refusable(self, impls: Impls, event: str, *args: Any) -> None:
         """Call every implementation; a ``GatewayError`` (a refusal) propagates, other exceptions are logged."""
-        from gateway.errors import GatewayError
-
         for plugin, fn in impls:
             try:
                 result = fn(*args)

@@ -38,10 +38,12 @@ redis.call('HSET', KEYS[1], 'tokens', string.format('%.17g', tokens), 'at', stri
 if rate > 0 then
   redis.call('PEXPIRE', KEYS[1], math.ceil((capacity - tokens) / rate * 1000) + 1000)
 end
-return string.format('%.17g', wait)
+return {string.format('%.17g', wait), string.format('%.17g', tokens)}
 """
 )
-"""Take ARGV[1] from bucket KEYS[1] (rate ARGV[2]/s, capacity ARGV[3], force ARGV[4]); the wait, -1: never."""
+"""Take ARGV[1] from bucket KEYS[1] (rate ARGV[2]/s, capacity ARGV[3], force ARGV[4]).
+
+Returns {the wait (-1: never), the tokens left}."""
 
 PEEK = _LEVEL + "return string.format('%.17g', tokens)"
 
@@ -67,8 +69,14 @@ class RedisStore:
         await self.client.ping()
 
     async def take(self, key: str, amount: float, rate: float, capacity: float, force: bool = False) -> float:
-        wait = _number(await self._take(keys=[key], args=[repr(amount), repr(rate), repr(capacity), int(force)]))
-        return float("inf") if wait < 0 else wait
+        return (await self.take_level(key, amount, rate, capacity, force))[0]
+
+    async def take_level(
+        self, key: str, amount: float, rate: float, capacity: float, force: bool = False
+    ) -> tuple[float, float]:
+        reply = await self._take(keys=[key], args=[repr(amount), repr(rate), repr(capacity), int(force)])
+        wait, tokens = _number(reply[0]), _number(reply[1])
+        return (float("inf") if wait < 0 else wait), tokens
 
     async def peek(self, key: str, rate: float, capacity: float) -> float:
         return _number(await self._peek(keys=[key], args=[0, repr(rate), repr(capacity)]))

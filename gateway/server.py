@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import gc
 import ipaddress
 import json
 import signal
@@ -124,6 +125,8 @@ class GatewayServer:
         except BaseException:
             self.listener.close()
             raise
+        gc.freeze()  # what start-up made (modules, config, plugins, a tokenizer) lives as long as the process:
+        # the collector's full passes need not walk it again (each took ~15 ms with the usage plugin's tokenizer)
         await self.listener.start_serving()
 
     def _connection(self) -> Connection:

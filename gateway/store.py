@@ -22,6 +22,11 @@ class Store(Protocol):
         ``force`` it is taken even if the bucket goes below zero (a debt the refill pays back).
         """
 
+    async def take_level(
+        self, key: str, amount: float, rate: float, capacity: float, force: bool = False
+    ) -> tuple[float, float]:
+        """``take``, and the tokens left in the bucket after it, in one step (one round trip to Redis)."""
+
     async def peek(self, key: str, rate: float, capacity: float) -> float:
         """The tokens in a bucket now."""
 
@@ -57,10 +62,17 @@ class MemoryStore:
         self._writes = 0
 
     async def take(self, key: str, amount: float, rate: float, capacity: float, force: bool = False) -> float:
+        return self.take_now(key, amount, rate, capacity, force)[0]
+
+    async def take_level(
+        self, key: str, amount: float, rate: float, capacity: float, force: bool = False
+    ) -> tuple[float, float]:
         return self.take_now(key, amount, rate, capacity, force)
 
-    def take_now(self, key: str, amount: float, rate: float, capacity: float, force: bool = False) -> float:
-        """``take`` without a coroutine: for a plugin's synchronous path when the store is this one."""
+    def take_now(
+        self, key: str, amount: float, rate: float, capacity: float, force: bool = False
+    ) -> tuple[float, float]:
+        """``take_level`` without a coroutine: for a plugin's synchronous path when the store is this one."""
         tokens, now = self._level(key, rate, capacity)
         taken = amount <= tokens or amount <= 0 or force
         if taken:
@@ -69,8 +81,8 @@ class MemoryStore:
         self._buckets[key] = (tokens, now, full_at)
         self._wrote(now)
         if taken:
-            return 0.0
-        return (amount - tokens) / rate if rate > 0 else float("inf")
+            return 0.0, tokens
+        return ((amount - tokens) / rate if rate > 0 else float("inf")), tokens
 
     async def peek(self, key: str, rate: float, capacity: float) -> float:
         return self._level(key, rate, capacity)[0]

@@ -12,6 +12,12 @@ if TYPE_CHECKING:
     from plugins.ratelimit import Ticket
 
 
+_HEADERS = {
+    kind: (f"x-ratelimit-limit-{kind}", f"x-ratelimit-remaining-{kind}", f"x-ratelimit-reset-{kind}")
+    for kind in ("requests", "tokens")
+}
+
+
 def bucket(kind: str, key: str) -> str:
     return f"ratelimit:{kind}:{key}"
 
@@ -20,12 +26,12 @@ async def take(
     store: Store, ticket: Ticket, kind: str, limit: int, amount: float, headers: dict[str, str], what: str
 ) -> None:
     """Take from one bucket and set its x-ratelimit-* headers; a GatewayError (429) if it has too little."""
-    rate, name = limit / 60, bucket(kind, ticket.key)
-    wait = await store.take(name, amount, rate, limit)
-    left = await store.peek(name, rate, limit)
-    headers[f"x-ratelimit-limit-{kind}"] = str(limit)
-    headers[f"x-ratelimit-remaining-{kind}"] = str(max(0, math.floor(left)))
-    headers[f"x-ratelimit-reset-{kind}"] = duration((limit - left) / rate if wait == 0 else wait)
+    rate = limit / 60
+    wait, left = await store.take_level(f"ratelimit:{kind}:{ticket.key}", amount, rate, limit)
+    names = _HEADERS[kind]
+    headers[names[0]] = str(limit)
+    headers[names[1]] = str(max(0, math.floor(left)))
+    headers[names[2]] = duration((limit - left) / rate if wait == 0 else wait)
     if wait:
         seconds = max(1, math.ceil(wait))
         refusal = GatewayError(

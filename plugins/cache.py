@@ -29,6 +29,8 @@ from plugins._cache_entries import Entry, MemoryLRU
 
 _IGNORED = ("user", "metadata")
 _HEADER = "X-Multiverse-Cache"
+_CANONICAL = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False)  # built once: json.dumps
+# with options builds a new encoder per call
 
 
 @dataclass(frozen=True)
@@ -78,9 +80,11 @@ class Plugin:
             self._record(call)
 
     def key(self, call: Call) -> str:
-        body = {k: v for k, v in call.json.items() if k not in _IGNORED}
+        body = call.json
+        if "user" in body or "metadata" in body:
+            body = {k: v for k, v in body.items() if k not in _IGNORED}
         who = getattr(call.identity, "key_id", None) if self.options.per_key else None
-        text = json.dumps([call.endpoint, who, body], sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+        text = _CANONICAL.encode([call.endpoint, who, body])
         return "cache:" + hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=20).hexdigest()
 
     @hookimpl
@@ -129,7 +133,7 @@ class Plugin:
                 return None  # a stream that did not finish as OpenAI's do
         else:
             body = getattr(call.response, "body", None)
-            if not isinstance(body, bytes):
+            if not isinstance(body, bytes) or len(body) > self.max_entry:
                 return None
             chunks = (body,)
         entry = Entry(call.stream, chunks, call.usage)

@@ -33,19 +33,22 @@ class FairQueue:
 
     def __init__(self) -> None:
         self._levels: tuple[OrderedDict[str, deque[Waiter]], ...] = (OrderedDict(), OrderedDict())  # high, normal
+        self._count = 0  # waiters in all queues: asked on every request, so kept rather than summed
 
     def __len__(self) -> int:
-        return sum(len(queue) for level in self._levels for queue in level.values())
+        return self._count
 
     def add(self, waiter: Waiter) -> None:
         level = self._levels[0 if waiter.high else 1]
         level.setdefault(waiter.key, deque()).append(waiter)
+        self._count += 1
 
     def remove(self, waiter: Waiter) -> None:
         """Forget a waiter that gave up (timed out, or its client hung up); a no-op once admitted."""
         queue = self._levels[0 if waiter.high else 1].get(waiter.key)
         if queue is not None and waiter in queue:
             queue.remove(waiter)
+            self._count -= 1
 
     def waiting(self, key: str) -> int:
         return sum(len(level.get(key, ())) for level in self._levels)
@@ -61,14 +64,13 @@ class FairQueue:
         """
         admitted = 0
         for level in self._levels:
-            while self._admit_one(level, admit):
+            while self._count and self._admit_one(level, admit):
                 admitted += 1
-            if not any(level.values()):
+            if not self._count or not any(level.values()):
                 level.clear()  # nobody waits: places in the rotation no longer matter
         return admitted
 
-    @staticmethod
-    def _admit_one(level: OrderedDict[str, deque[Waiter]], admit: Callable[[Waiter], bool]) -> bool:
+    def _admit_one(self, level: OrderedDict[str, deque[Waiter]], admit: Callable[[Waiter], bool]) -> bool:
         passed_empty: list[str] = []
         for key, queue in level.items():
             if not queue:
@@ -77,9 +79,11 @@ class FairQueue:
             for waiter in list(queue):
                 if waiter.future.done():  # its request gave up (timed out, hung up): it leaves now
                     queue.remove(waiter)
+                    self._count -= 1
                     continue
                 if admit(waiter):
                     queue.remove(waiter)
+                    self._count -= 1
                     for empty in passed_empty:  # their turn came with nothing to send: they leave the rotation
                         del level[empty]
                     level.move_to_end(key)

@@ -33,6 +33,10 @@ async def test_both_stores_keep_the_same_contract(store: Store) -> None:
     assert await store.take("b", 5, rate=10, capacity=2, force=True) == 0.0  # a debt
     assert await store.peek("b", rate=10, capacity=2) < -2.5
     assert await store.take("never", 1, rate=0, capacity=0) == float("inf")
+    wait, left = await store.take_level("level", 3, rate=0.001, capacity=10)  # taken: what is left after it
+    assert wait == 0.0 and 6.99 < left < 7.01
+    wait, left = await store.take_level("level", 8, rate=0.001, capacity=10)  # refused: nothing taken
+    assert wait > 900 and 6.99 < left < 7.01 and 6.99 < await store.peek("level", rate=0.001, capacity=10) < 7.01
     assert await store.add("c", 1.5) == 1.5 and await store.add("c", 1) == 2.5
     assert await store.add("t", 1, ttl=0.05) == 1
     await store.set("v", b"\x00bytes", ttl=0.05)
