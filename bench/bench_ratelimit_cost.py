@@ -56,7 +56,9 @@ async def per_request_us(requests: int, folder: str) -> float:
         for _ in range(requests):
             call = Call(gateway, request, "r", "chat/completions", body, BODY)
             call.identity = identity
-            await plugin.before_request(call)
+            waiting = plugin.before_request(call)  # awaitable only with a shared store, or a full backend
+            if waiting is not None:
+                await waiting
             plugin.filter_candidates(call, candidates)
             call.usage = USAGE
             pending = plugin.request_complete(call)  # awaitable only with a shared store

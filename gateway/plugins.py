@@ -211,7 +211,7 @@ class Plugins:
         """(plugin, result) of the first non-None result, awaiting async implementations."""
         for plugin, fn in impls:
             result = fn(*args)
-            if inspect.isawaitable(result):
+            if result is not None and inspect.isawaitable(result):
                 result = await result
             if result is not None:
                 return plugin, result

@@ -1,16 +1,10 @@
-"""Token buckets as the ratelimit plugin uses them: names, a take that sets OpenAI's x-ratelimit-* headers."""
+"""Token buckets as the ratelimit plugin uses them: names, and OpenAI's x-ratelimit-* headers from a take."""
 
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
 
 from gateway.errors import GatewayError
-
-if TYPE_CHECKING:
-    from gateway.store import Store
-    from plugins.ratelimit import Ticket
-
 
 _HEADERS = {
     kind: (f"x-ratelimit-limit-{kind}", f"x-ratelimit-remaining-{kind}", f"x-ratelimit-reset-{kind}")
@@ -22,12 +16,9 @@ def bucket(kind: str, key: str) -> str:
     return f"ratelimit:{kind}:{key}"
 
 
-async def take(
-    store: Store, ticket: Ticket, kind: str, limit: int, amount: float, headers: dict[str, str], what: str
-) -> None:
-    """Take from one bucket and set its x-ratelimit-* headers; a GatewayError (429) if it has too little."""
+def settle(kind: str, limit: int, wait: float, left: float, headers: dict[str, str], what: str) -> None:
+    """Set a bucket's x-ratelimit-* headers from a take's answer (``wait``, tokens ``left``); a 429 if it refused."""
     rate = limit / 60
-    wait, left = await store.take_level(f"ratelimit:{kind}:{ticket.key}", amount, rate, limit)
     names = _HEADERS[kind]
     headers[names[0]] = str(limit)
     headers[names[1]] = str(max(0, math.floor(left)))

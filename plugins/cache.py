@@ -29,8 +29,8 @@ from plugins._cache_entries import Entry, MemoryLRU
 
 _IGNORED = ("user", "metadata")
 _HEADER = "X-Multiverse-Cache"
-_CANONICAL = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False)  # built once: json.dumps
-# with options builds a new encoder per call
+# Built once (json.dumps with options builds an encoder per call); a parsed body has no cycles to check for.
+_CANONICAL = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False, check_circular=False)
 
 
 @dataclass(frozen=True)
@@ -88,11 +88,20 @@ class Plugin:
         return "cache:" + hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=20).hexdigest()
 
     @hookimpl
-    async def answer_request(self, call: Call) -> web.Response | ChunkSource | None:
+    def answer_request(self, call: Call) -> web.Response | ChunkSource | Awaitable[Any] | None:
+        """In memory the lookup is synchronous (no coroutine per request); through the store it is awaited."""
         key = call.state.get("cache.key")
         if key is None or call.state.get("cache.refresh"):
             return None
-        entry = await self._get(key)
+        if self.store is None:
+            return self._answer(call, self.memory.get(key))
+        return self._answer_from_store(call, key)
+
+    async def _answer_from_store(self, call: Call, key: str) -> web.Response | ChunkSource | None:
+        raw = await self.store.get(key)
+        return self._answer(call, Entry.decode(raw) if raw is not None else None)
+
+    def _answer(self, call: Call, entry: Entry | None) -> web.Response | ChunkSource | None:
         if entry is None or entry.stream != call.stream:
             self.misses += 1
             _tag(call, "miss")
@@ -109,12 +118,6 @@ class Plugin:
         if call.stream:
             recorder = call.state["cache.recorder"] = Recorder(self.max_entry)  # no larger answer is kept
             call.on_chunk(recorder)
-
-    async def _get(self, key: str) -> Entry | None:
-        if self.store is None:
-            return self.memory.get(key)
-        raw = await self.store.get(key)
-        return Entry.decode(raw) if raw is not None else None
 
     @hookimpl
     def request_complete(self, call: Call) -> Awaitable[None] | None:

@@ -27,9 +27,9 @@ from gateway import hookimpl
 from gateway.call import peer_closed
 from gateway.errors import GatewayError
 from gateway.identity import Identity
-from gateway.store import MemoryStore
+from gateway.store import MemoryStore, Store
 from gateway.validate import positive
-from plugins._buckets import bucket, take
+from plugins._buckets import bucket, settle
 from plugins.fair_share import FairQueue, Waiter
 
 if TYPE_CHECKING:
@@ -38,6 +38,7 @@ if TYPE_CHECKING:
     from gateway.state import Gateway
 
 UNLIMITED = None
+Take = tuple[str, int, float, str]  # a bucket's kind, its limit a minute, the amount, what a refusal says
 
 
 @dataclass(frozen=True)
@@ -87,6 +88,10 @@ class Ticket:
     concurrent: bool = False  # counted in the key's requests at once
     held: Backend | None = None  # a backend slot reserved until the call is routed
 
+    def took(self, kind: str, limit: int, amount: float) -> None:
+        if kind == "tokens":  # corrected with the real usage once the answer is in
+            self.tpm, self.tokens = limit, amount
+
 
 class Plugin:
     def __init__(self, options: Options | None = None) -> None:
@@ -108,21 +113,63 @@ class Plugin:
     # -- before the call -------------------------------------------------------------------
 
     @hookimpl
-    async def before_request(self, call: Call) -> None:
+    def before_request(self, call: Call) -> Awaitable[None] | None:
+        """Synchronous with the in-process store and a free backend (the usual case): no coroutine to run."""
         ticket, rpm, tpm, cap, high = self._ticket(call)
         if call.dry_run:
             call.explain["ratelimit"] = {"key": ticket.who, "rpm": rpm, "tpm": tpm, "max_concurrency": cap}
-            return
+            return None
         if cap is not None and self.running.get(ticket.key, 0) >= cap:
             message = f"rate limit: at most {cap} requests at once for {ticket.who}; wait for one to finish"
             raise GatewayError(429, message, code="rate_limit_exceeded", headers={"Retry-After": "1"})
         self.running[ticket.key] = self.running.get(ticket.key, 0) + 1
         ticket.concurrent = True
         call.state["ratelimit"] = ticket
+        takes = self._takes(call, ticket, rpm, tpm)
         store = call.gateway.store
-        headers = call.response_headers
+        if takes and not isinstance(store, MemoryStore):
+            return self._take_then_queue(call, store, ticket, takes, high)
+        for taken, (kind, limit, amount, what) in enumerate(takes):
+            try:
+                settle(
+                    kind,
+                    limit,
+                    *store.take_now(bucket(kind, ticket.key), amount, limit / 60, limit),
+                    call.response_headers,
+                    what,
+                )
+            except GatewayError:
+                if taken:  # a refused request costs nothing: give back what the requests bucket took
+                    store.take_now(bucket("requests", ticket.key), -1, takes[0][1] / 60, takes[0][1])
+                raise
+            ticket.took(kind, limit, amount)
+        return self._queue(call, ticket, high)
+
+    async def _take_then_queue(self, call: Call, store: Store, ticket: Ticket, takes: list[Take], high: bool) -> None:
+        """``before_request`` with a shared store (Redis): each take is a round trip."""
+        for taken, (kind, limit, amount, what) in enumerate(takes):
+            try:
+                settle(
+                    kind,
+                    limit,
+                    *await store.take_level(bucket(kind, ticket.key), amount, limit / 60, limit),
+                    call.response_headers,
+                    what,
+                )
+            except GatewayError:
+                if taken:
+                    await store.take(bucket("requests", ticket.key), -1, takes[0][1] / 60, takes[0][1])
+                raise
+            ticket.took(kind, limit, amount)
+        waiting = self._queue(call, ticket, high)
+        if waiting is not None:
+            await waiting
+
+    def _takes(self, call: Call, ticket: Ticket, rpm: int | None, tpm: int | None) -> list[Take]:
+        """The buckets this call takes from: (kind, limit, amount, what a refusal says)."""
+        takes: list[Take] = []
         if rpm is not None:
-            await take(store, ticket, "requests", rpm, 1.0, headers, f"{rpm} requests a minute for {ticket.who}")
+            takes.append(("requests", rpm, 1.0, f"{rpm} requests a minute for {ticket.who}"))
         if tpm is not None:
             estimate = self._estimate(call)
             if estimate > tpm:
@@ -131,16 +178,15 @@ class Plugin:
                     f"a minute allowed for {ticket.who}; lower max_tokens or shorten the prompt"
                 )
                 raise GatewayError(429, message, code="request_too_large")
-            try:
-                what = f"{tpm} tokens a minute for {ticket.who} (this request: about {estimate:.0f})"
-                await take(store, ticket, "tokens", tpm, estimate, headers, what)
-            except GatewayError:
-                if rpm is not None:  # a refused request costs nothing
-                    await store.take(bucket("requests", ticket.key), -1, rpm / 60, rpm)
-                raise
-            ticket.tpm, ticket.tokens = tpm, estimate
-        if self.options.fair_queue:
-            await self._wait_for_slot(call, ticket, high)
+            takes.append(
+                (
+                    "tokens",
+                    tpm,
+                    estimate,
+                    f"{tpm} tokens a minute for {ticket.who} (this request: about {estimate:.0f})",
+                )
+            )
+        return takes
 
     def _ticket(self, call: Call) -> tuple[Ticket, int | None, int | None, int | None, bool]:
         identity, o = call.identity, self.options
@@ -166,11 +212,17 @@ class Plugin:
 
     # -- waiting for a backend slot ----------------------------------------------------------
 
-    async def _wait_for_slot(self, call: Call, ticket: Ticket, high: bool) -> None:
+    def _queue(self, call: Call, ticket: Ticket, high: bool) -> Awaitable[None] | None:
+        """None when the call may go on now; else the wait for its turn at a backend slot."""
+        if not self.options.fair_queue:
+            return None
         if not len(self.queue):  # nobody waits: no turn to take
             free, ticket.held = self._reserve(call.model)
             if free:
-                return
+                return None
+        return self._wait_for_slot(call, ticket, high)
+
+    async def _wait_for_slot(self, call: Call, ticket: Ticket, high: bool) -> None:
         waiter = Waiter(ticket.key, call.model, high)
         queued_at = time.perf_counter()
         admitted = False

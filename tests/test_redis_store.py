@@ -87,3 +87,24 @@ def test_state_redis_must_be_a_redis_url(gateway_config: Any) -> None:
     with pytest.raises(ConfigError) as refused:
         gateway_config(state={"redis": "localhost:6379"})
     assert "state.redis: must be a Redis URL such as redis://localhost:6379/0" in "\n".join(refused.value.problems)
+
+
+@pytest.mark.parametrize("where", ["memory", "redis"])
+async def test_a_request_refused_for_tokens_takes_nothing_from_either_bucket(
+    where: str, request: pytest.FixtureRequest, start_backend: StartBackend, start_gateway: StartGateway
+) -> None:
+    state = {"redis": request.getfixturevalue("redis_url")} if where == "redis" else {}
+    plugins = {"tests.keys_plugin": None, "ratelimit": {}}
+    gateway = await start_gateway(await start_backend(), plugins=plugins, state=state)
+    store: Store = gateway.state.store
+    await store.take("ratelimit:tokens:key:id-fay", 900, rate=1000 / 60, capacity=1000)  # about 100 left
+    body = {"model": "echo", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 500}
+    async with (
+        aiohttp.ClientSession(headers={"Authorization": "Bearer fay,rpm=10,tpm=1000"}) as session,
+        session.post(gateway.url + "/v1/chat/completions", json=body) as response,
+    ):
+        refusal = await response.json()
+    assert response.status == 429 and "1000 tokens a minute for key 'fay'" in refusal["error"]["message"]
+    assert 9.9 < await store.peek("ratelimit:requests:key:id-fay", rate=10 / 60, capacity=10) <= 10  # given back
+    assert await store.peek("ratelimit:tokens:key:id-fay", rate=1000 / 60, capacity=1000) < 150  # no refund of
+    # tokens it never took
