@@ -62,8 +62,8 @@ lint: $(BIN)/multiverse
 schema: $(BIN)/multiverse       ## regenerate config/gateway.schema.json from the config model
 	$(BIN)/multiverse schema > config/gateway.schema.json
 
-bench: $(BIN)/multiverse        ## direct vs through-the-gateway benchmark (see docs/benchmarks.md)
-	$(BIN)/python bench/bench_proxy.py
+bench: $(BIN)/multiverse        ## direct vs nginx vs through-the-gateway benchmark (see docs/benchmarks.md)
+	$(BIN)/python bench/bench_proxy.py $$(command -v wrk >/dev/null && echo --wrk 5)
 
 clean:
 	rm -rf $(VENV) var .pytest_cache .mypy_cache .ruff_cache

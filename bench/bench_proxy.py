@@ -1,10 +1,12 @@
 """Direct-to-backend versus through the gateway, in one run.
 
-    .venv/bin/python bench/bench_proxy.py [--requests 3000] [--streams 200] [--json out.json]
+    .venv/bin/python bench/bench_proxy.py [--requests 3000] [--streams 200] [--wrk SECONDS] [--json out.json]
 
-Starts bench/backend.py and `multiverse serve` (default plugins: round_robin and
-health) as separate processes, drives both with an aiohttp client, and reads the
-gateway's CPU time and peak memory from /proc. Prints a Markdown report.
+Starts bench/backend.py, the bare aiohttp relay, nginx where it is installed (the native
+floor: Debian's nginx-light as a reverse proxy, upstream keep-alive, buffering off) and
+`multiverse serve` (gateway.yaml's default plugins) as separate processes, drives each in
+turn with an aiohttp client (or wrk, with --wrk), and reads each one's CPU time and peak
+memory from /proc (its whole process tree). Prints a Markdown report.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ import asyncio
 import json
 import os
 import platform
+import re
+import shutil
 import socket
 import statistics
 import subprocess
@@ -27,6 +31,22 @@ import aiohttp
 import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
+NGINX = """
+daemon off; worker_processes 1; pid {tmp}/nginx.pid; error_log {tmp}/nginx-error.log warn;
+events {{ worker_connections 1024; }}
+http {{
+  access_log off;
+  upstream backend {{ server 127.0.0.1:{backend}; keepalive 64; }}
+  server {{
+    listen 127.0.0.1:{port};
+    location / {{
+      proxy_pass http://backend; proxy_http_version 1.1; proxy_set_header Connection "";
+      proxy_buffering off; proxy_request_buffering off;
+      client_body_temp_path {tmp}/nginx-body; proxy_temp_path {tmp}/nginx-proxy;
+    }}
+  }}
+}}
+"""
 CHAT = json.dumps({"model": "bench", "messages": [{"role": "user", "content": "hi"}], "temperature": 0}).encode()
 ADMIN_KEY = "bench-admin-key-0123456789"
 HEADERS = {"Content-Type": "application/json", "Authorization": f"Bearer {ADMIN_KEY}"}  # a key auth accepts
@@ -39,16 +59,42 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def _stat(pid: int) -> list[str]:
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+
+
+def process_tree(pid: int) -> list[int]:
+    """``pid`` and every process under it (nginx's workers, the gateway's with WORKERS=N)."""
+    tree = [pid]
+    for entry in sorted(int(e.name) for e in Path("/proc").iterdir() if e.name.isdigit()):
+        try:
+            if int(_stat(entry)[1]) in tree:  # its parent is in the tree (parents have the lower pid)
+                tree.append(entry)
+        except OSError:  # ended meanwhile
+            continue
+    return tree
+
+
 def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / TICKS  # utime + stime
+    """User + system time of the process tree."""
+    total = 0.0
+    for member in process_tree(pid):
+        try:
+            fields = _stat(member)
+        except OSError:
+            continue
+        total += (int(fields[11]) + int(fields[12])) / TICKS  # utime + stime
+    return total
 
 
 def peak_rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
+    """The tree's peak resident memory (each process's peak, summed)."""
+    total = 0.0
+    for member in process_tree(pid):
+        for line in Path(f"/proc/{member}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                total += int(line.split()[1]) / 1024
+    return total
 
 
 async def wait_ready(url: str) -> None:
@@ -98,6 +144,28 @@ async def load(url: str, total: int, concurrency: int) -> dict[str, float]:
         "p50_ms": pct(latencies, 0.5) * 1000,
         "p99_ms": pct(latencies, 0.99) * 1000,
         "errors": errors,
+    }
+
+
+_UNITS = {"us": 1e-3, "ms": 1.0, "s": 1000.0}
+
+
+def wrk_load(url: str, seconds: float, concurrency: int, script: Path) -> dict[str, float]:
+    """The same small chat completion for ``seconds`` with ``concurrency`` connections, sent by wrk."""
+    command = ["wrk", "-t1", f"-c{concurrency}", f"-d{seconds:g}s", "--latency", "-s", str(script), url]
+    out = subprocess.run(command, capture_output=True, text=True, check=True).stdout
+
+    def latency(label: str) -> float:
+        value, unit = re.search(rf"^\s*{label}%\s+([\d.]+)(us|ms|s)$", out, re.M).groups()  # type: ignore[union-attr]
+        return float(value) * _UNITS[unit]
+
+    refused = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    return {
+        "rps": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)),  # type: ignore[union-attr]
+        "p50_ms": latency("50"),
+        "p99_ms": latency("99"),
+        "errors": int(refused.group(1)) if refused else 0,
+        "count": int(re.search(r"(\d+) requests in", out).group(1)),  # type: ignore[union-attr]
     }
 
 
@@ -154,6 +222,13 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         [sys.executable, str(ROOT / "bench/bare_relay.py"), str(port), urls["direct"]], stdout=log, stderr=log
     )
     urls["bare aiohttp relay"] = f"http://127.0.0.1:{port}"
+    nginx = shutil.which("nginx") or ("/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists() else None)
+    if nginx and not args.no_nginx:  # the native floor: a C reverse proxy, upstream keep-alive, no buffering
+        port = free_port()
+        conf = tmp / "nginx.conf"
+        conf.write_text(NGINX.format(tmp=tmp, port=port, backend=backend_port))
+        procs["nginx"] = subprocess.Popen([nginx, "-c", str(conf), "-p", str(tmp)], stdout=log, stderr=log)
+        urls["nginx"] = f"http://127.0.0.1:{port}"
     for name, env in args.gateways:
         port = free_port()
         config = _gateway_config(tmp, port, backend_port, env.pop("PLUGINS", None), env.pop("WORKERS", "1"))
@@ -162,21 +237,31 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         procs[name] = subprocess.Popen(command, stdout=log, stderr=log, cwd=source, env={**os.environ, **env})
         urls[name] = f"http://127.0.0.1:{port}"
     targets = list(urls)
+    high = f"c{args.high}"
     results: dict[str, Any] = {
-        t: {"cpu_s": 0.0, "c1": [], "c32": [], "requests": 0, "stream_runs": [], "stream_cpu_s": 0.0} for t in targets
+        t: {"cpu_s": 0.0, "c1": [], high: [], "requests": 0, "stream_runs": [], "stream_cpu_s": 0.0} for t in targets
     }
+    (tmp / "post.lua").write_text(
+        f'wrk.method = "POST"\nwrk.body = [[{CHAT.decode()}]]\n'
+        + "".join(f'wrk.headers["{k}"] = "{v}"\n' for k, v in HEADERS.items())
+    )
     try:
         await wait_ready(urls["direct"] + "/v1/models")
         for target in targets[1:]:
-            await wait_ready(urls[target] + "/health")
+            await wait_ready(urls[target] + ("/v1/models" if target == "nginx" else "/health"))
         for _ in range(args.rounds):
             for target in targets:
                 pid = (procs.get(target) or procs["backend"]).pid
                 before = cpu_seconds(pid)
-                for concurrency, total in ((1, args.requests // 3), (32, args.requests)):
-                    figures = await load(urls[target] + "/v1/chat/completions", total, concurrency)
+                for concurrency, total in ((1, args.requests // 3), (args.high, args.requests)):
+                    url = urls[target] + "/v1/chat/completions"
+                    if args.wrk:
+                        figures = wrk_load(url, args.wrk, concurrency, tmp / "post.lua")
+                        results[target]["requests"] += figures.pop("count")
+                    else:
+                        figures = await load(url, total, concurrency)
+                        results[target]["requests"] += total + 50
                     results[target][f"c{concurrency}"].append(figures)
-                    results[target]["requests"] += total + 50
                 results[target]["cpu_s"] += cpu_seconds(pid) - before
             for target in targets:  # streams interleave too: measured one after the other they drift apart
                 pid = (procs.get(target) or procs["backend"]).pid
@@ -202,7 +287,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     for target in targets:
         r = results[target]
         r["cpu_us_per_request"] = r.pop("cpu_s") / r.pop("requests") * 1e6
-        for c in ("c1", "c32"):
+        for c in ("c1", high):
             runs = r[c]
             r[c] = {k: statistics.median(run[k] for run in runs) for k in runs[0]}
     results["machine"] = f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
@@ -219,7 +304,7 @@ def report(r: dict[str, Any], args: argparse.Namespace) -> str:
     def row(label: str, fn: Any) -> None:
         lines.append(f"| {label} | " + " | ".join(fn(r[t]) for t in targets) + " |")
 
-    for c in ("c1", "c32"):
+    for c in ("c1", f"c{args.high}"):
         n = c[1:]
         row(f"requests/s, concurrency {n}", lambda x, c=c: f"{x[c]['rps']:.0f}")
         row(f"p50 latency, concurrency {n} (ms)", lambda x, c=c: f"{x[c]['p50_ms']:.3f}")
@@ -236,7 +321,7 @@ def report(r: dict[str, Any], args: argparse.Namespace) -> str:
     row("stream: CPU per chunk (µs)", lambda x: f"{x['stream']['cpu_us_per_chunk']:.0f}")
     row("peak RSS (MB)", lambda x: f"{x['peak_rss_mb']:.1f}")
     lines.append("")
-    lines.append("CPU is the process's user+system time from /proc (for direct: the backend's own).")
+    lines.append("CPU is the process tree's user+system time from /proc (for direct: the backend's own).")
     return "\n".join(lines)
 
 
@@ -254,12 +339,23 @@ def main() -> None:
         action="append",
         metavar="NAME[:VAR=VALUE,...]",
         help="a gateway to measure, with extra environment (SOURCE=DIR runs that checkout's code, PLUGINS=FILE adds "
-        "the plugins of that YAML file, WORKERS=N sets server.workers: CPU is then the parent's only); "
+        "the plugins of that YAML file, WORKERS=N sets server.workers: CPU and memory are then all workers' together); "
         "repeatable (default: one, 'gateway')",
+    )
+    parser.add_argument("--no-nginx", action="store_true", help="leave nginx out even where it is installed")
+    parser.add_argument(
+        "--wrk",
+        type=float,
+        metavar="SECONDS",
+        help="drive the request rows with wrk (a C client: the Python one costs CPU the proxies then lack) for "
+        "this long per round and concurrency, where wrk is installed",
     )
     parser.add_argument("--json", help="also write the raw figures here")
     args = parser.parse_args()
     args.gateways = []
+    if args.wrk and not shutil.which("wrk"):
+        parser.error("--wrk: wrk is not installed (Debian: apt-get install wrk)")
+    args.high = 16 if args.wrk else 32  # wrk: the issue's figures; the Python client needs more in flight
     for spec in args.gateway or ["gateway"]:
         name, _, env = spec.partition(":")
         args.gateways.append((name, dict(pair.split("=", 1) for pair in env.split(",") if pair)))
