@@ -160,8 +160,9 @@ class Pool:
         loop = asyncio.get_running_loop()
         cached = self._dns.get((host, port))
         if cached is None or cached[0] <= loop.time():
-            cached = (loop.time() + DNS_TTL, loop.create_task(self._lookup(host, port)))
-            self._dns[(host, port)] = cached
+            lookup = loop.create_task(self._lookup(host, port))
+            lookup.add_done_callback(_retrieved)
+            cached = self._dns[(host, port)] = (loop.time() + DNS_TTL, lookup)
         try:
             return await asyncio.shield(cached[1])
         except OSError as exc:
@@ -201,6 +202,12 @@ class Pool:
         for _, lookup in self._dns.values():
             lookup.cancel()
         await self._resolver.close()
+
+
+def _retrieved(lookup: asyncio.Task[list[AddrInfo]]) -> None:
+    """Mark a lookup's failure as seen: its waiters may all have been cancelled (no 'never retrieved' log)."""
+    if not lookup.cancelled():
+        lookup.exception()
 
 
 def _literal(host: str, port: int) -> ResolveResult:

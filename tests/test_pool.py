@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import shutil
+import socket
 import ssl
 import subprocess
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -18,6 +19,7 @@ import aiohttp
 import pytest
 from multidict import CIMultiDict
 
+from gateway.netguard import PublicOnlyResolver
 from gateway.pool import Pool
 from gateway.upstream import _os_reason, describe
 from tests.conftest import StartGateway, closed_port_url, eventually
@@ -233,6 +235,45 @@ async def test_connect_failures_name_no_address(pool: Pool) -> None:
     with pytest.raises(aiohttp.ClientConnectorDNSError) as dns:
         await _get(pool, "http://no-such-host.invalid")
     assert _os_reason(dns.value) == "its host name does not resolve"
+
+
+async def test_host_names_resolve_through_the_gateways_resolver(raw: StartRaw) -> None:
+    backend = await raw(lambda n: JSON)
+    by_name = backend.url.replace("127.0.0.1", "localhost")
+    pool = Pool()
+    try:
+        assert await _get(pool, by_name) == b"{}"
+        assert await _get(pool, by_name) == b"{}"
+    finally:
+        await pool.close()
+    assert backend.connection_of == [1, 1]
+    guarded = Pool(PublicOnlyResolver(set()))  # a registered host re-pointed at a private address (DNS rebinding)
+    try:
+        with pytest.raises(aiohttp.ClientConnectorDNSError):
+            await _get(guarded, by_name)
+    finally:
+        await guarded.close()
+
+
+async def test_a_connect_timeout_is_a_timeout_naming_no_address() -> None:
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(0)  # never accepts: once its queue is full, the kernel drops new handshakes
+        address = listener.getsockname()
+        queued = [socket.socket() for _ in range(4)]
+        for sock in queued:
+            sock.setblocking(False)
+            sock.connect_ex(address)
+        pool = Pool(connect_timeout=0.2)
+        try:
+            with pytest.raises(aiohttp.ConnectionTimeoutError) as caught:
+                await _get(pool, f"http://127.0.0.1:{address[1]}")
+        finally:
+            await pool.close()
+            for sock in queued:
+                sock.close()
+    assert str(address[1]) not in str(caught.value)
+    assert isinstance(caught.value, TimeoutError)  # gateway.upstream.step: outcome "timeout"
 
 
 async def test_a_read_timeout_fails_the_read(raw: StartRaw, pool: Pool) -> None:
