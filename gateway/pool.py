@@ -62,10 +62,13 @@ class Pool:
         resolver: AbstractResolver | None = None,
         connect_timeout: float | None = None,
         tls: ssl.SSLContext | None = None,
+        keepalive: float = KEEPALIVE,
     ) -> None:
         self._resolver = resolver or DefaultResolver()
         self._connect_timeout = connect_timeout
         self._tls = tls or _tls_context()
+        self._keepalive = keepalive
+        self._sweeping: asyncio.TimerHandle | None = None
         self._idle: dict[Origin, deque[tuple[float, Connection]]] = {}
         self._targets: dict[str, _Target] = {}
         self._dns: dict[tuple[str, int], tuple[float, asyncio.Task[list[AddrInfo]]]] = {}
@@ -79,8 +82,8 @@ class Pool:
         Of ``timeout`` only the connect and ``sock_read`` limits apply; the relay bounds the
         rest with its own deadlines. A reused connection that fails before the backend sent a
         byte is the stale keep-alive race (the backend closed it as the request left): the
-        request is sent once more on a fresh connection. The relay would otherwise send the
-        same body to the next backend, so the backend sees nothing it would not anyway.
+        request is sent once more on a fresh connection: the backend never answered it, the
+        same condition on which the relay sends the same body to the next backend.
         """
         target = self._targets.get(url) or self._target(url)
         head = request_head(target.path, target.host_header, headers, len(body))
@@ -114,10 +117,26 @@ class Pool:
         idle = self._idle.get(origin)
         if idle is None:
             idle = self._idle[origin] = deque()
-        now = asyncio.get_running_loop().time()
-        while idle and (now - idle[0][0] >= KEEPALIVE or len(idle) >= MAX_IDLE):
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        while idle and (now - idle[0][0] >= self._keepalive or len(idle) >= MAX_IDLE):
             idle.popleft()[1].close()
         idle.append((now, connection))
+        if self._sweeping is None:
+            self._sweeping = loop.call_later(self._keepalive, self._sweep)
+
+    def _sweep(self) -> None:
+        """Close connections idle too long, also those to backends no longer asked (aiohttp's cleanup)."""
+        self._sweeping = None
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        for origin, idle in list(self._idle.items()):
+            while idle and now - idle[0][0] >= self._keepalive:
+                idle.popleft()[1].close()
+            if not idle:
+                del self._idle[origin]
+        if self._idle:
+            self._sweeping = loop.call_later(self._keepalive, self._sweep)
 
     def _idle_connection(self, origin: Origin) -> Connection | None:
         """The most recently used idle connection still open (fewest chances the backend dropped it)."""
@@ -127,7 +146,7 @@ class Pool:
         now = asyncio.get_running_loop().time()
         while idle:
             since, connection = idle.pop()
-            if now - since < KEEPALIVE and connection.is_connected() and not connection.should_close:
+            if now - since < self._keepalive and connection.is_connected() and not connection.should_close:
                 return connection
             connection.close()
         return None
@@ -195,6 +214,8 @@ class Pool:
     async def close(self) -> None:
         """Close every idle connection; one in use is closed when its answer is released."""
         self._closed = True
+        if self._sweeping is not None:
+            self._sweeping.cancel()
         for idle in self._idle.values():
             for _, connection in idle:
                 connection.close()

@@ -292,6 +292,18 @@ async def test_closing_the_pool_closes_idle_connections(raw: StartRaw) -> None:
     await eventually(lambda: backend.hung_up == 1)
 
 
+async def test_idle_connections_are_closed_after_the_keepalive(raw: StartRaw) -> None:
+    backend = await raw(lambda n: JSON)
+    pool = Pool(keepalive=0.2)
+    try:
+        await _get(pool, backend.url)
+        await eventually(lambda: backend.hung_up == 1)  # closed by the sweep, with no request to trigger it
+        await _get(pool, backend.url)
+    finally:
+        await pool.close()
+    assert backend.connection_of == [1, 2]
+
+
 def _certificate(folder: Path) -> tuple[Path, Path]:
     if shutil.which("openssl") is None:
         pytest.skip("needs the openssl command to make a certificate (neither trustme nor cryptography is installed)")
