@@ -16,6 +16,7 @@ from gateway.errors import GatewayError, in_anthropic_shape
 from gateway.handler import is_anthropic
 from gateway.netguard import PublicOnlyResolver
 from gateway.plugins import Plugins
+from gateway.pool import Pool
 from gateway.registry import Registry
 from gateway.state import GATEWAY, Gateway
 from gateway.store import Store
@@ -94,26 +95,32 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
         gateway.store = await _redis_store(gateway.config.state.redis)
     await gateway.registry.open()
     gateway.admin_key = admin.resolve_admin_key(gateway.config, gateway.log)
-    resolver = None
-    if not gateway.config.admin.allow_private_backends:
-        configured = [b for b in gateway.registry.backends.values() if b.read_only]  # URLs normalised (xn--)
-        resolver = PublicOnlyResolver({urlsplit(b.url).hostname or "" for b in configured})
     gateway._http = aiohttp.ClientSession(
-        connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=60, resolver=resolver),
+        connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=60, resolver=_resolver(gateway)),
         timeout=aiohttp.ClientTimeout(total=None, sock_connect=routing.connect_timeout),
         auto_decompress=False,
         cookie_jar=aiohttp.DummyCookieJar(),
         skip_auto_headers=("User-Agent",),
     )
+    gateway._pool = Pool(_resolver(gateway), connect_timeout=routing.connect_timeout)
     try:
         await gateway.plugins.call_all("startup", gateway)
         yield
     finally:
         await gateway.stop_tasks()
         await gateway.plugins.call_logged(gateway.plugins.impls("shutdown"), "shutdown_failed", gateway)
+        await gateway._pool.close()
         await gateway._http.close()
         await gateway.registry.close()
         await gateway.store.close()
+
+
+def _resolver(gateway: Gateway) -> PublicOnlyResolver | None:
+    """Unless private backends are allowed, a resolver that refuses private addresses for registered hosts."""
+    if gateway.config.admin.allow_private_backends:
+        return None
+    configured = [b for b in gateway.registry.backends.values() if b.read_only]  # URLs normalised (xn--)
+    return PublicOnlyResolver({urlsplit(b.url).hostname or "" for b in configured})
 
 
 async def _redis_store(url: str) -> Store:

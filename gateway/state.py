@@ -14,6 +14,7 @@ from aiohttp import web
 from gateway.config import GatewayConfig
 from gateway.logs import get_logger
 from gateway.plugins import Plugins
+from gateway.pool import Pool
 from gateway.registry import Backend, Registry
 from gateway.store import MemoryStore, Store
 
@@ -37,6 +38,7 @@ class Gateway:
     connections: set[web.WebSocketResponse] = field(default_factory=set)
     """Long-lived connections (agents dialed in): closed first at shutdown, so draining never waits on them."""
     _http: aiohttp.ClientSession | None = None
+    _pool: Pool | None = None
 
     def __post_init__(self) -> None:
         self.registry.on_change = self.backend_changed
@@ -86,10 +88,17 @@ class Gateway:
 
     @property
     def http(self) -> aiohttp.ClientSession:
-        """The one client session for backends: pooled, cookie-less, bytes passed through as-is."""
+        """The client session for everything off the hot path (probes, discovery, plugins' own calls)."""
         if self._http is None:
             raise RuntimeError("the gateway has not started")
         return self._http
+
+    @property
+    def pool(self) -> Pool:
+        """The relay's keep-alive connections to HTTP backends (see gateway/pool.py)."""
+        if self._pool is None:
+            raise RuntimeError("the gateway has not started")
+        return self._pool
 
 
 GATEWAY = web.AppKey("gateway", Gateway)

@@ -1,9 +1,9 @@
 """How the relay reaches a backend: one small interface, so the relay has no special cases.
 
-A backend's ``transport`` is None for the usual HTTP pool (``HTTP``), or a connection its
-agent dialed in on (``gateway.agent_link.AgentLink``). Either opens a request and returns an
-``Upstream`` once the answer's headers are in: what the relay reads of an aiohttp
-``ClientResponse``, which the HTTP transport returns as it is.
+A backend's ``transport`` is None for the usual HTTP pool (``HTTP``, over ``gateway.pool``),
+or a connection its agent dialed in on (``gateway.agent_link.AgentLink``). Either opens a
+request and returns an ``Upstream`` once the answer's headers are in: the part of an aiohttp
+``ClientResponse`` the relay reads.
 """
 
 from __future__ import annotations
@@ -59,7 +59,7 @@ class Transport(Protocol):
 
 
 class HTTPTransport:
-    """The gateway's pooled client session: ``POST {url}{api_path}/{endpoint}``, redirects never followed."""
+    """The gateway's keep-alive pool: ``POST {url}{api_path}/{endpoint}``, redirects never followed."""
 
     async def open(
         self,
@@ -70,9 +70,7 @@ class HTTPTransport:
         body: bytes,
         timeout: aiohttp.ClientTimeout | None,
     ) -> Upstream:
-        return await gateway.http.post(
-            backend.endpoint_url(call.endpoint), data=body, headers=headers, allow_redirects=False, timeout=timeout
-        )
+        return await gateway.pool.post(backend.endpoint_url(call.endpoint), headers, body, timeout)
 
 
 HTTP = HTTPTransport()
