@@ -32,6 +32,8 @@ MAX_IDLE = 100
 """Idle connections kept per origin; past that the oldest is closed."""
 DNS_TTL = 60.0
 """Seconds a host name's addresses are reused (the session had ``ttl_dns_cache=60``)."""
+MAX_NAMES = 1024
+"""Host names (and URLs) remembered; registrations behind tunnels change names often."""
 HAPPY_EYEBALLS_DELAY = 0.25
 _DEFAULT_PORTS = {"http": 80, "https": 443}
 AddrInfo = tuple[int, int, int, str, tuple[str, int] | tuple[str, int, int, int]]
@@ -63,11 +65,13 @@ class Pool:
         connect_timeout: float | None = None,
         tls: ssl.SSLContext | None = None,
         keepalive: float = KEEPALIVE,
+        dns_ttl: float = DNS_TTL,
     ) -> None:
         self._resolver = resolver or DefaultResolver()
         self._connect_timeout = connect_timeout
         self._tls = tls or _tls_context()
         self._keepalive = keepalive
+        self._dns_ttl = dns_ttl
         self._sweeping: asyncio.TimerHandle | None = None
         self._idle: dict[Origin, deque[tuple[float, Connection]]] = {}
         self._targets: dict[str, _Target] = {}
@@ -179,9 +183,11 @@ class Pool:
         loop = asyncio.get_running_loop()
         cached = self._dns.get((host, port))
         if cached is None or cached[0] <= loop.time():
+            if len(self._dns) >= MAX_NAMES:  # tunnel host names come and go: forget the expired ones
+                self._dns = {name: entry for name, entry in self._dns.items() if entry[0] > loop.time()}
             lookup = loop.create_task(self._lookup(host, port))
             lookup.add_done_callback(_retrieved)
-            cached = self._dns[(host, port)] = (loop.time() + DNS_TTL, lookup)
+            cached = self._dns[(host, port)] = (loop.time() + self._dns_ttl, lookup)
         try:
             return await asyncio.shield(cached[1])
         except OSError as exc:
@@ -206,7 +212,7 @@ class Pool:
         else:
             addresses = _addr_infos([_literal(host, port)])
         target = _Target(Origin(scheme, host, port), parts.path or "/", host_header, key, addresses)
-        if len(self._targets) >= 1024:  # registrations come and go: never grow without bound
+        if len(self._targets) >= MAX_NAMES:  # registrations come and go: never grow without bound
             self._targets.clear()
         self._targets[url] = target
         return target

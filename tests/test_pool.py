@@ -14,13 +14,15 @@ import ssl
 import subprocess
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
+from aiohttp.abc import AbstractResolver
 from multidict import CIMultiDict
 
 from gateway.netguard import PublicOnlyResolver
-from gateway.pool import Pool
+from gateway.pool import MAX_NAMES, Pool
 from gateway.upstream import _os_reason, describe
 from tests.conftest import StartGateway, closed_port_url, eventually
 
@@ -253,6 +255,28 @@ async def test_host_names_resolve_through_the_gateways_resolver(raw: StartRaw) -
             await _get(guarded, by_name)
     finally:
         await guarded.close()
+
+
+class _Loopback(AbstractResolver):
+    """Every name is 127.0.0.1: a tunnel's ever-new host names, as the gateway meets them over weeks."""
+
+    async def resolve(self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET) -> list[Any]:
+        return [{"hostname": host, "host": "127.0.0.1", "port": port, "family": socket.AF_INET, "proto": 0, "flags": 0}]
+
+    async def close(self) -> None:
+        return None
+
+
+async def test_host_names_that_come_and_go_are_not_remembered_without_bound(raw: StartRaw) -> None:
+    backend = await raw(lambda n: JSON)
+    port = backend.url.rsplit(":", 1)[1]
+    pool = Pool(_Loopback(), dns_ttl=0)  # every lookup expires at once, as a tunnel name no longer used does
+    try:
+        for i in range(MAX_NAMES + 50):
+            assert await _get(pool, f"http://tunnel-{i}.test:{port}") == b"{}"
+        assert len(pool._dns) <= MAX_NAMES and len(pool._targets) <= MAX_NAMES
+    finally:
+        await pool.close()
 
 
 async def test_a_connect_timeout_is_a_timeout_naming_no_address() -> None:
