@@ -28,6 +28,7 @@ from gateway.errors import GatewayError
 from gateway.identity import Identity
 from gateway.state import Gateway
 from gateway.validate import positive
+from plugins import _bulk_insert as bulk_insert
 from plugins import _requestlog_query as q
 from plugins import _tokens
 
@@ -117,7 +118,7 @@ class Plugin:
         queued, self.pending = self.pending, []
         rows = [self._row(*entry) for entry in queued]
         db = self.gateway.registry.db
-        await db.executemany(q.INSERT, rows)
+        await bulk_insert.insert(db, "requestlog", q.COLUMN_NAMES, rows)
         await db.commit()
 
     def _row(

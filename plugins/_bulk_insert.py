@@ -1,0 +1,38 @@
+"""Many rows into one SQLite table with few statements: ``INSERT ... VALUES (...), (...), ...``.
+
+``executemany`` binds and steps row by row, and Python's sqlite3 takes the GIL back for every
+row: from aiosqlite's thread, that is a GIL hand-over with the event loop per row written (two
+context switches each, and the loop waiting while it lasts). A statement of many rows binds
+them all at once and steps once, so a batch of a thousand rows costs a few hand-overs.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Sequence
+from functools import cache
+from typing import Any
+
+import aiosqlite
+
+MOST_PARAMETERS = 32766 if sqlite3.sqlite_version_info >= (3, 32, 0) else 999
+"""Parameters SQLite allows in one statement (unless built with another limit)."""
+MOST_ROWS = 256
+
+
+@cache
+def statement(table: str, columns: tuple[str, ...], rows: int) -> str:
+    one = "(" + ", ".join("?" * len(columns)) + ")"
+    return f"INSERT INTO {table} ({', '.join(columns)}) VALUES {', '.join([one] * rows)}"
+
+
+async def insert(db: aiosqlite.Connection, table: str, columns: tuple[str, ...], rows: Sequence[Sequence[Any]]) -> None:
+    """Insert ``rows`` (each a value per column) in statements of a power of two rows, so that the
+    statements are few, and the same from batch to batch (sqlite3 caches them prepared)."""
+    most = max(1, min(MOST_ROWS, MOST_PARAMETERS // len(columns)))
+    done = 0
+    while done < len(rows):
+        count = min(most, 1 << ((len(rows) - done).bit_length() - 1))
+        values = [value for row in rows[done : done + count] for value in row]
+        await db.execute(statement(table, columns, count), values)
+        done += count
