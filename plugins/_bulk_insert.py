@@ -15,6 +15,18 @@ from typing import Any
 
 import aiosqlite
 
+
+def _null(value: None) -> None:
+    return None
+
+
+# sqlite3 binds int, float and str directly but "adapts" every other value, None included, and
+# before Python 3.12 its failed look-ups for an adapter format two AttributeErrors each time (about
+# 0.2 us a None; a logged request has half a dozen). An adapter for None that answers None binds
+# the same NULL, found at the first look-up. (sqlite3's adapters are the process's: this one changes
+# no value any connection writes.)
+sqlite3.register_adapter(type(None), _null)
+
 MOST_PARAMETERS = 32766 if sqlite3.sqlite_version_info >= (3, 32, 0) else 999
 """Parameters SQLite allows in one statement (unless built with another limit)."""
 MOST_ROWS = 256
