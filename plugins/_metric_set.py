@@ -9,11 +9,18 @@ With ``PROMETHEUS_MULTIPROC_DIR`` set (before the gateway starts: prometheus-cli
 when it is imported), values live in that folder's files, one per process, and a scrape of
 any process adds them up: gauges of per-process state (in flight, queue) are summed over live
 processes, a backend's status and probe time are the most recent any process saw.
+
+What requests add is counted in plain dicts first (``Tally`` for a counter, ``Spread`` for a
+histogram) and folded into prometheus-client's metrics by ``fold()``, which the ``metrics`` plugin
+calls every ``refresh_interval`` seconds, before each scrape and at shutdown: a request then costs
+a dict update per metric instead of ``labels()``, a lock per value and a loop over the buckets.
 """
 
 from __future__ import annotations
 
 import os
+from bisect import bisect_left
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, values
 from prometheus_client.multiprocess import MultiProcessCollector
@@ -27,6 +34,8 @@ TOKEN_BUCKETS = tuple(float(4**i) for i in range(14))  # 1, 4, 16 ... 67108864, 
 OVERHEAD_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
 QUEUE_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 GEN_AI = ("gen_ai_operation_name", "gen_ai_request_model")
+COUNTED = ("requests", "tokens", "cache", "rejections", "failovers", "resumed")
+OBSERVED = ("duration", "ttft", "tpot", "token_usage", "overhead", "queue_wait")
 
 
 def multiprocess_dir() -> str | None:
@@ -42,6 +51,58 @@ def multiprocess_dir() -> str | None:
             "before starting the gateway"
         )
     return folder
+
+
+Labels = tuple[str, ...]
+
+
+class Tally:
+    """A labelled ``Counter``'s increments since the last ``fold()``, by label values."""
+
+    __slots__ = ("metric", "pending")
+
+    def __init__(self, metric: Counter) -> None:
+        self.metric = metric
+        self.pending: dict[Labels, float] = {}
+
+    def inc(self, labels: Labels, amount: float = 1) -> None:
+        pending = self.pending
+        pending[labels] = pending.get(labels, 0) + amount
+
+    def fold(self) -> None:
+        pending, self.pending = self.pending, {}
+        for labels, amount in pending.items():
+            self.metric.labels(*labels).inc(amount)
+
+
+class Spread:
+    """A ``Histogram``'s observations since the last ``fold()``: per label values, a count per bucket
+    (the same buckets, the same ``le`` rule) and their sum."""
+
+    __slots__ = ("bounds", "metric", "pending")
+
+    def __init__(self, metric: Histogram) -> None:
+        self.metric = metric
+        self.bounds = tuple(metric._upper_bounds[:-1])  # the finite ones; past them is +Inf's bucket
+        self.pending: dict[Labels, list[Any]] = {}
+
+    def observe(self, labels: Labels, value: float) -> None:
+        slot = self.pending.get(labels)
+        if slot is None:
+            slot = self.pending[labels] = [0] * (len(self.bounds) + 1) + [0.0]
+        slot[bisect_left(self.bounds, value)] += 1  # the first bucket whose upper bound is >= value
+        slot[-1] += value
+
+    def fold(self) -> None:
+        pending, self.pending = self.pending, {}
+        for labels, slot in pending.items():
+            series = self.metric.labels(*labels) if labels else self.metric
+            # prometheus-client has no public "observe n times"; its buckets and sum are value objects
+            # (in multiprocess mode, this process's file), so add to them directly
+            for bucket, count in zip(series._buckets, slot, strict=False):
+                if count:
+                    bucket.inc(count)
+            series._sum.inc(slot[-1])
 
 
 class MetricSet:
@@ -171,6 +232,16 @@ class MetricSet:
             registry=reg,
             multiprocess_mode="livemostrecent",
         )
+
+        self.tallies = {name: Tally(getattr(self, name)) for name in COUNTED}
+        self.spreads = {name: Spread(getattr(self, name)) for name in OBSERVED}
+
+    def fold(self) -> None:
+        """Add what requests counted since the last fold to the metrics (and so to the exposition)."""
+        for tally in self.tallies.values():
+            tally.fold()
+        for spread in self.spreads.values():
+            spread.fold()
 
     def exposition(self) -> bytes:
         """The Prometheus text format: this gateway's registry, or every process's files in multiprocess mode."""

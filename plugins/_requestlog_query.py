@@ -42,7 +42,8 @@ COLUMNS = (
     "at, request_id, key_name, client, endpoint, stream, model, served_model, backend, strategy, attempts, "
     "status, latency_ms, ttft_ms, prompt_tokens, completion_tokens, cache, error, prompt, completion"
 )
-INSERT = f"INSERT INTO requestlog ({COLUMNS}) VALUES ({', '.join('?' * len(COLUMNS.split(', ')))})"
+COLUMN_NAMES = tuple(COLUMNS.split(", "))
+INSERT = f"INSERT INTO requestlog ({COLUMNS}) VALUES ({', '.join('?' * len(COLUMN_NAMES))})"
 SELECT = f"SELECT id, {COLUMNS} FROM requestlog"
 PRUNE_OLD = "DELETE FROM requestlog WHERE at < ?"
 PRUNE_ROWS = "DELETE FROM requestlog WHERE id <= (SELECT id FROM requestlog ORDER BY id DESC LIMIT 1 OFFSET ?)"

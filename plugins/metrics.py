@@ -1,7 +1,8 @@
 """metrics: ``GET /metrics`` in the Prometheus text format, with prometheus-client.
 
-Per request (``request_complete``, synchronous and cheap): requests by model, backend,
-status, strategy and key name; latency, time to first token and time per output token;
+Per request (``request_complete``, synchronous and cheap: counted in dicts and folded into the
+metrics every ``refresh_interval`` seconds, before each scrape and at shutdown): requests by model,
+backend, status, strategy and key name; latency, time to first token and time per output token;
 tokens in and out; cache results; refusals; queue waits; failovers and resumed streams;
 the gateway's own added time. Per backend (refreshed every ``refresh_interval`` seconds
 and at each scrape): in flight, queue, status, circuit state and the last probe's time.
@@ -65,7 +66,6 @@ class Plugin:
             raise ConfigError([f"plugins.metrics: {exc}"]) from None
         self.models: frozenset[str] = frozenset()
         self.gateway: Gateway | None = None
-        self._children: dict[tuple[Any, ...], Any] = {}  # labelled metrics by label values: cheaper than .labels()
 
     # -- start-up and routes ------------------------------------------------------------------
 
@@ -85,7 +85,9 @@ class Plugin:
 
     @hookimpl
     def shutdown(self) -> None:
-        """In multiprocess mode, this process's live gauges (in flight, queue) stop counting."""
+        """What requests counted since the last refresh is kept; in multiprocess mode, this process's live
+        gauges (in flight, queue) stop counting."""
+        self.metrics.fold()
         if self.metrics.multiproc_dir is not None:
             multiprocess.mark_process_dead(os.getpid(), self.metrics.multiproc_dir)
 
@@ -108,52 +110,46 @@ class Plugin:
 
     # -- per request -------------------------------------------------------------------------------
 
-    def _child(self, metric: Any, *labels: str) -> Any:
-        key = (id(metric), *labels)
-        child = self._children.get(key)
-        if child is None:
-            child = self._children[key] = metric.labels(*labels)
-        return child
-
     @hookimpl
     def request_complete(self, call: Call) -> None:
         """Record one finished call; synchronous, so its latency is taken as the client's answer ends."""
         if call.dry_run:
             return
         latency = call.latency
-        m, child = self.metrics, self._child
+        counts, spreads = self.metrics.tallies, self.metrics.spreads
         model = call.model if call.model in self.models else (OTHER if call.model else "none")
         identity = call.identity
         key = identity.name if isinstance(identity, Identity) else ("anonymous" if identity is None else OTHER)
         backend = call.backend.name if call.backend is not None else "none"
-        child(m.requests, model, backend, str(call.status), call.route or "none", key).inc()
-        operation = OPERATIONS.get(call.endpoint, call.endpoint)
-        child(m.duration, operation, model).observe(latency)
-        cache = call.tags.get("cache")
-        if cache is not None:
-            child(m.cache, str(cache)).inc()
-        wait = call.tags.get("queue_wait")
-        if wait is not None:
-            child(m.queue_wait, model).observe(wait)
+        counts["requests"].inc((model, backend, str(call.status), call.route or "none", key))
+        gen_ai = (OPERATIONS.get(call.endpoint, call.endpoint), model)
+        spreads["duration"].observe(gen_ai, latency)
+        tags = call.tags
+        if tags:
+            cache = tags.get("cache")
+            if cache is not None:
+                counts["cache"].inc((str(cache),))
+            wait = tags.get("queue_wait")
+            if wait is not None:
+                spreads["queue_wait"].observe((model,), wait)
         if call.status == 429 and not call.attempts:
-            child(m.rejections, error_code(call) or OTHER, key).inc()
+            counts["rejections"].inc((error_code(call) or OTHER, key))
         usage = call.usage
         if usage:
-            self._tokens(operation, model, key, usage)
-        attempts = call.attempts
-        if attempts:
-            self._attempts(call, operation, model, latency, usage)
+            self._tokens(gen_ai, model, key, usage)
+        if call.attempts:
+            self._attempts(call, gen_ai, model, latency, usage)
 
-    def _tokens(self, operation: str, model: str, key: str, usage: dict[str, Any]) -> None:
-        m, child = self.metrics, self._child
+    def _tokens(self, gen_ai: tuple[str, str], model: str, key: str, usage: dict[str, Any]) -> None:
+        token_usage, tokens = self.metrics.spreads["token_usage"], self.metrics.tallies["tokens"]
         for field_name, kind in (("prompt_tokens", "input"), ("completion_tokens", "output")):
             count = usage.get(field_name)
             if isinstance(count, int) and count >= 0:
-                child(m.token_usage, operation, model, kind).observe(count)
-                child(m.tokens, model, key, kind).inc(count)
+                token_usage.observe((*gen_ai, kind), count)
+                tokens.inc((model, key, kind), count)
 
-    def _attempts(self, call: Call, operation: str, model: str, latency: float, usage: Any) -> None:
-        m, child = self.metrics, self._child
+    def _attempts(self, call: Call, gen_ai: tuple[str, str], model: str, latency: float, usage: Any) -> None:
+        counts, spreads = self.metrics.tallies, self.metrics.spreads
         attempts = call.attempts
         waited = 0.0
         previous = None
@@ -161,27 +157,29 @@ class Plugin:
             if attempt.ended is not None:
                 waited += attempt.ended - attempt.started
             if previous is not None:
-                child(m.resumed if previous.mid_stream else m.failovers, model).inc()
+                counts["resumed" if previous.mid_stream else "failovers"].inc((model,))
             previous = attempt
-        m.overhead.observe(max(0.0, latency - waited))
+        spreads["overhead"].observe((), max(0.0, latency - waited))
         last = attempts[-1]
         if call.status != 200 or call.error is not None or last.first_byte is None or last.ended is None:
             return
-        if call.stream and call.first_byte_at is not None:
-            child(m.ttft, operation, model).observe(call.first_byte_at - call.started)
+        first_byte = call.first_byte_at if call.stream else None
+        if first_byte is not None:
+            spreads["ttft"].observe(gen_ai, first_byte - call.started)
         completion = usage.get("completion_tokens") if usage else None
         if not isinstance(completion, int) or completion < 1:
             return
-        if call.stream and call.first_byte_at is not None:
+        if first_byte is not None:
             if completion > 1:
-                child(m.tpot, operation, model).observe((last.ended - call.first_byte_at) / (completion - 1))
+                spreads["tpot"].observe(gen_ai, (last.ended - first_byte) / (completion - 1))
         else:
-            child(m.tpot, operation, model).observe((last.ended - last.started) / completion)
+            spreads["tpot"].observe(gen_ai, (last.ended - last.started) / completion)
 
     # -- per backend -------------------------------------------------------------------------------
 
     async def refresh(self) -> None:
-        """Bring the per-backend gauges up to date (a removed backend's series go)."""
+        """Fold in what requests counted; bring the per-backend gauges up to date (a removed backend's series go)."""
+        self.metrics.fold()
         gateway = self.gateway
         if gateway is None:
             return

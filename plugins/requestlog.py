@@ -3,7 +3,7 @@
 One row per request (refused, answered, failed over, broken mid-stream or abandoned): time,
 request id, key name (never the key), client address, model asked and served, backend, strategy,
 each attempt with its outcome, status, latency, time to first token, tokens, cache status, error.
-``request_complete`` only queues what it saw; a background job formats and writes the queue every
+``request_complete`` only queues what it saw, as plain values; a background job writes the queue every
 ``flush_interval`` seconds and at shutdown, and prunes rows past ``retention_days`` or ``max_rows``.
 Prompts and answers are kept only with ``store_content: true``, each cut at ``max_content_chars``.
 
@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,6 +27,7 @@ from gateway.errors import GatewayError
 from gateway.identity import Identity
 from gateway.state import Gateway
 from gateway.validate import positive
+from plugins import _bulk_insert as bulk_insert
 from plugins import _requestlog_query as q
 from plugins import _tokens
 
@@ -94,7 +94,8 @@ class Plugin:
 
     @hookimpl
     def request_complete(self, call: Call) -> None:
-        """Queue what happened; formatting and writing happen in ``flush``, off the request's path."""
+        """Queue what happened, as plain values (no reference to the call's objects, so the queue is
+        nothing the garbage collector must walk); JSON and the SQL write happen in ``flush``."""
         if call.dry_run:
             return
         latency = call.latency
@@ -103,11 +104,14 @@ class Plugin:
         content = None
         if self.options.store_content:
             content = (call.json, call.state.get("requestlog.chunks"), getattr(call.response, "body", None))
+        started = call.started
         self.pending.append(
             (time.time() - latency, call.request_id, getattr(call.identity, "name", None), call.request.remote,
-             call.endpoint, call.stream, call.requested_model, call.model if backend else None,
-             backend.name if backend else None, call.route or None, call.started, call.attempts, call.status,
-             latency, call.time_to_first_byte, usage, call.tags.get("cache"), call.error, content)
+             call.endpoint, int(call.stream), call.requested_model, call.model if backend else None,
+             backend.name if backend else None, call.route or None,
+             tuple([story(attempt, started) for attempt in call.attempts]), call.status, round(latency * 1000, 2),
+             _ms(call.time_to_first_byte), _count(usage, "prompt_tokens"), _count(usage, "completion_tokens"),
+             call.tags.get("cache"), call.error, content)
         )  # fmt: skip
 
     async def flush(self) -> None:
@@ -117,27 +121,23 @@ class Plugin:
         queued, self.pending = self.pending, []
         rows = [self._row(*entry) for entry in queued]
         db = self.gateway.registry.db
-        await db.executemany(q.INSERT, rows)
+        await bulk_insert.insert(db, "requestlog", q.COLUMN_NAMES, rows)
         await db.commit()
 
     def _row(
-        self, at: float, request_id: str, key: str | None, client: str | None, endpoint: str, stream: bool,
-        model: str, served: str | None, backend: str | None, strategy: str | None, started: float,
-        attempts: Sequence[Attempt], status: int, latency: float, ttfb: float | None, usage: dict[str, Any] | None,
-        cache: Any, error: str | None, content: tuple[dict[str, Any], list[bytes] | None, Any] | None,
+        self, at: float, request_id: str, key: str | None, client: str | None, endpoint: str, stream: int,
+        model: str, served: str | None, backend: str | None, strategy: str | None, attempts: tuple[Story, ...],
+        status: int, latency_ms: float, ttft_ms: float | None, prompt_tokens: int | None,
+        completion_tokens: int | None, cache: Any, error: str | None,
+        content: tuple[dict[str, Any], list[bytes] | None, Any] | None,
     ) -> tuple[Any, ...]:  # fmt: skip
-        usage = usage or {}
-        prompt_tokens, completion_tokens = usage.get("prompt_tokens"), usage.get("completion_tokens")
         prompt = completion = None
         if content is not None:
             prompt, completion = self._content(*content)
         return (
-            at, request_id, key, client, endpoint, stream, model, served, backend, strategy,
-            json.dumps([story(a, started) for a in attempts]), status, round(latency * 1000, 2),
-            None if ttfb is None else round(ttfb * 1000, 2),
-            prompt_tokens if isinstance(prompt_tokens, int) else None,
-            completion_tokens if isinstance(completion_tokens, int) else None,
-            None if cache is None else str(cache), error, prompt, completion,
+            at, request_id, key, client, endpoint, stream, model, served, backend, strategy, json.dumps(attempts),
+            status, latency_ms, ttft_ms, prompt_tokens, completion_tokens, None if cache is None else str(cache),
+            error, prompt, completion,
         )  # fmt: skip
 
     def _content(self, body: dict[str, Any], chunks: list[bytes] | None, answer: Any) -> tuple[str, str | None]:
@@ -209,14 +209,26 @@ class Plugin:
         return web.json_response(q.to_dict(tuple(row)))
 
 
-def story(attempt: Attempt, started: float) -> list[Any]:
+Story = tuple[Any, ...]
+
+
+def story(attempt: Attempt, started: float) -> Story:
     """One attempt as the table keeps it, compactly (``_requestlog_query.ATTEMPT`` names the fields): times in
     ms, its start counted from the request's."""
     first, ended = attempt.first_byte, attempt.ended
-    return [
+    return (
         attempt.backend.name, attempt.model, attempt.status, attempt.outcome, attempt.reason,
         round((attempt.started - started) * 1000, 2),
         None if first is None else round((first - attempt.started) * 1000, 2),
         None if ended is None else round((ended - attempt.started) * 1000, 2),
         attempt.mid_stream, attempt.retry_after,
-    ]  # fmt: skip
+    )  # fmt: skip
+
+
+def _ms(seconds: float | None) -> float | None:
+    return None if seconds is None else round(seconds * 1000, 2)
+
+
+def _count(usage: dict[str, Any] | None, name: str) -> int | None:
+    count = usage.get(name) if usage else None
+    return count if isinstance(count, int) else None

@@ -6,8 +6,10 @@ import sqlite3
 import time
 from typing import Any
 
+import aiosqlite
 import pytest
 
+from plugins import _bulk_insert
 from tests.conftest import ADMIN, RunningGateway, StartBackend, StartGateway
 
 ROLES = "tests.role_identity"
@@ -165,3 +167,17 @@ async def test_store_content_keeps_prompt_and_answer(
     cut = await entry(gateway, "long")
     assert cut["completion"].endswith("(cut at 80 characters)") and len(cut["completion"]) < 120
     assert "cut at 80 characters" in cut["prompt"]
+
+
+async def test_a_large_batch_is_written_whole_and_in_order(tmp_path: Any) -> None:
+    """A flush writes its rows in multi-row statements of a power of two rows; none lost, none reordered."""
+    columns = ("n", "text", "value")
+    rows = [(n, f"row {n}" if n % 3 else None, n / 7) for n in range(1000)]  # 3 x 256 + 128 + 64 + 32 + 8
+    async with aiosqlite.connect(tmp_path / "bulk.db") as db:
+        await db.execute("CREATE TABLE t (id INTEGER PRIMARY KEY, n INTEGER, text TEXT, value REAL)")
+        await _bulk_insert.insert(db, "t", columns, rows)
+        await _bulk_insert.insert(db, "t", columns, rows[:1])
+        await db.commit()
+        async with db.execute("SELECT n, text, value FROM t ORDER BY id") as cursor:
+            written = [tuple(row) for row in await cursor.fetchall()]
+    assert written == [*rows, rows[0]]
