@@ -38,11 +38,10 @@ SCHEMA = [
     CREATE INDEX usage_requests_key ON usage_requests (key_id)
     """,
 ]
-INSERT = (
-    "INSERT INTO usage_requests (at, request_id, key_id, key_name, model, backend, endpoint, stream, status, "
-    "prompt_tokens, completion_tokens, estimated, latency_ms, backend_seconds, cache_hit, cost) "
-    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
-)
+COLUMNS = (
+    "at", "request_id", "key_id", "key_name", "model", "backend", "endpoint", "stream", "status",
+    "prompt_tokens", "completion_tokens", "estimated", "latency_ms", "backend_seconds", "cache_hit", "cost",
+)  # fmt: skip
 SPENT = "SELECT key_id, SUM(cost) FROM usage_requests WHERE key_id IS NOT NULL GROUP BY key_id"
 GROUPS = {
     "key": "COALESCE(key_id, '')",

@@ -30,7 +30,7 @@ from gateway.pump import Recorder
 from gateway.state import GATEWAY, Gateway
 from gateway.store import MemoryStore
 from gateway.validate import positive
-from plugins import _tokens, _usage_report
+from plugins import _bulk_insert, _tokens, _usage_report
 
 _USAGE_MARK = b'"prompt_tokens"'
 _SPENT = "usage:spent:"  # the shared store's counter of a key's spend
@@ -93,7 +93,7 @@ class Plugin:
             return
         rows, self.pending = self.pending, []
         db = self.gateway.registry.db
-        await db.executemany(_usage_report.INSERT, rows)
+        await _bulk_insert.insert(db, "usage_requests", _usage_report.COLUMNS, rows)
         await db.commit()
 
     async def _share_spend(self, gateway: Gateway) -> None:
@@ -147,8 +147,8 @@ class Plugin:
         backend = call.backend.name if call.backend is not None else None
         self.pending.append(
             (time.time(), call.request_id, key_id, getattr(identity, "name", None), call.model, backend,
-             call.endpoint, call.stream, call.status, prompt, completion, estimated,
-             round(call.latency * 1000, 3), seconds, hit, cost)
+             call.endpoint, int(call.stream), call.status, prompt, completion, int(estimated),
+             round(call.latency * 1000, 3), seconds, int(hit), cost)
         )  # fmt: skip
 
     def _tokens(self, call: Call) -> tuple[int, int, bool]:
