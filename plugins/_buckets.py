@@ -16,7 +16,7 @@ def bucket(kind: str, key: str) -> str:
     return f"ratelimit:{kind}:{key}"
 
 
-def settle(kind: str, limit: int, wait: float, left: float, headers: dict[str, str], what: str) -> None:
+def settle(kind: str, limit: int, amount: float, wait: float, left: float, headers: dict[str, str], who: str) -> None:
     """Set a bucket's x-ratelimit-* headers from a take's answer (``wait``, tokens ``left``); a 429 if it refused."""
     rate = limit / 60
     names = _HEADERS[kind]
@@ -25,6 +25,9 @@ def settle(kind: str, limit: int, wait: float, left: float, headers: dict[str, s
     headers[names[2]] = duration((limit - left) / rate if wait == 0 else wait)
     if wait:
         seconds = max(1, math.ceil(wait))
+        what = f"{limit} {kind} a minute for {who}"
+        if kind == "tokens":
+            what += f" (this request: about {amount:.0f})"
         refusal = GatewayError(
             429,
             f"rate limit: {what}; retry in {seconds} s",

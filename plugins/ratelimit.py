@@ -38,7 +38,7 @@ if TYPE_CHECKING:
     from gateway.state import Gateway
 
 UNLIMITED = None
-Take = tuple[str, int, float, str]  # a bucket's kind, its limit a minute, the amount, what a refusal says
+Take = tuple[str, int, float]  # a bucket's kind ("requests", "tokens"), its limit a minute, the amount
 
 
 @dataclass(frozen=True)
@@ -77,16 +77,40 @@ class Options:
     )
 
 
+@dataclass(frozen=True, slots=True)
+class Caller:
+    """A caller's names, worked out once: its key in buckets and counts, how messages name it, its buckets."""
+
+    key: str
+    who: str
+    buckets: dict[str, str]
+
+    @classmethod
+    def of(cls, key: str, who: str) -> Caller:
+        return cls(key, who, {kind: bucket(kind, key) for kind in ("requests", "tokens")})
+
+
 @dataclass(slots=True)
 class Ticket:
     """What this plugin took for one call, so that ``request_complete`` gives back exactly that."""
 
-    key: str
-    who: str
+    caller: Caller
     tpm: int | None = None
     tokens: float = 0.0  # taken from the tpm bucket
     concurrent: bool = False  # counted in the key's requests at once
     held: Backend | None = None  # a backend slot reserved until the call is routed
+
+    @property
+    def key(self) -> str:
+        return self.caller.key
+
+    @property
+    def who(self) -> str:
+        return self.caller.who
+
+    @property
+    def buckets(self) -> dict[str, str]:
+        return self.caller.buckets
 
     def took(self, kind: str, limit: int, amount: float) -> None:
         if kind == "tokens":  # corrected with the real usage once the answer is in
@@ -99,6 +123,7 @@ class Plugin:
         self.queue = FairQueue()
         self.running: dict[str, int] = {}  # key -> its calls queued or in flight
         self.held: dict[str, int] = {}  # backend id -> slots reserved for admitted calls not yet routed
+        self.callers: dict[str, Caller] = {}  # key id -> its names, made once
         self.gateway: Gateway | None = None
 
     @hookimpl
@@ -129,36 +154,26 @@ class Plugin:
         store = call.gateway.store
         if takes and not isinstance(store, MemoryStore):
             return self._take_then_queue(call, store, ticket, takes, high)
-        for taken, (kind, limit, amount, what) in enumerate(takes):
+        for taken, (kind, limit, amount) in enumerate(takes):
             try:
-                settle(
-                    kind,
-                    limit,
-                    *store.take_now(bucket(kind, ticket.key), amount, limit / 60, limit),
-                    call.response_headers,
-                    what,
-                )
+                wait, left = store.take_now(ticket.buckets[kind], amount, limit / 60, limit)
+                settle(kind, limit, amount, wait, left, call.response_headers, ticket.who)
             except GatewayError:
                 if taken:  # a refused request costs nothing: give back what the requests bucket took
-                    store.take_now(bucket("requests", ticket.key), -1, takes[0][1] / 60, takes[0][1])
+                    store.take_now(ticket.buckets["requests"], -1, takes[0][1] / 60, takes[0][1])
                 raise
             ticket.took(kind, limit, amount)
         return self._queue(call, ticket, high)
 
     async def _take_then_queue(self, call: Call, store: Store, ticket: Ticket, takes: list[Take], high: bool) -> None:
         """``before_request`` with a shared store (Redis): each take is a round trip."""
-        for taken, (kind, limit, amount, what) in enumerate(takes):
+        for taken, (kind, limit, amount) in enumerate(takes):
             try:
-                settle(
-                    kind,
-                    limit,
-                    *await store.take_level(bucket(kind, ticket.key), amount, limit / 60, limit),
-                    call.response_headers,
-                    what,
-                )
+                wait, left = await store.take_level(ticket.buckets[kind], amount, limit / 60, limit)
+                settle(kind, limit, amount, wait, left, call.response_headers, ticket.who)
             except GatewayError:
                 if taken:
-                    await store.take(bucket("requests", ticket.key), -1, takes[0][1] / 60, takes[0][1])
+                    await store.take(ticket.buckets["requests"], -1, takes[0][1] / 60, takes[0][1])
                 raise
             ticket.took(kind, limit, amount)
         waiting = self._queue(call, ticket, high)
@@ -166,10 +181,10 @@ class Plugin:
             await waiting
 
     def _takes(self, call: Call, ticket: Ticket, rpm: int | None, tpm: int | None) -> list[Take]:
-        """The buckets this call takes from: (kind, limit, amount, what a refusal says)."""
+        """The buckets this call takes from: (kind, limit, amount)."""
         takes: list[Take] = []
         if rpm is not None:
-            takes.append(("requests", rpm, 1.0, f"{rpm} requests a minute for {ticket.who}"))
+            takes.append(("requests", rpm, 1.0))
         if tpm is not None:
             estimate = self._estimate(call)
             if estimate > tpm:
@@ -178,26 +193,24 @@ class Plugin:
                     f"a minute allowed for {ticket.who}; lower max_tokens or shorten the prompt"
                 )
                 raise GatewayError(429, message, code="request_too_large")
-            takes.append(
-                (
-                    "tokens",
-                    tpm,
-                    estimate,
-                    f"{tpm} tokens a minute for {ticket.who} (this request: about {estimate:.0f})",
-                )
-            )
+            takes.append(("tokens", tpm, estimate))
         return takes
 
     def _ticket(self, call: Call) -> tuple[Ticket, int | None, int | None, int | None, bool]:
         identity, o = call.identity, self.options
         if identity is None:
             address = call.request.remote or "unknown"
-            ticket = Ticket(f"anon:{address}", f"anonymous client {address}")
+            ticket = Ticket(Caller.of(f"anon:{address}", f"anonymous client {address}"))
             return ticket, o.anonymous_rpm, o.anonymous_tpm, o.anonymous_max_concurrency, False
         if not isinstance(identity, Identity):  # another plugin's idea of a caller: its text is its key
-            ticket = Ticket(f"key:{identity}", f"key '{identity}'")
+            ticket = Ticket(Caller.of(f"key:{identity}", f"key '{identity}'"))
             return ticket, o.rpm, o.tpm, o.max_concurrency, False
-        ticket = Ticket(f"key:{identity.key_id}", f"key '{identity.name}'")
+        caller = self.callers.get(identity.key_id)
+        if caller is None:  # a key's id and name never change (rotating keeps both)
+            if len(self.callers) >= 4096:  # keys come and go (rotated, revoked): never grow without bound
+                self.callers.clear()
+            caller = self.callers[identity.key_id] = Caller.of(f"key:{identity.key_id}", f"key '{identity.name}'")
+        ticket = Ticket(caller)
         rpm, tpm, cap = identity.rpm or o.rpm, identity.tpm or o.tpm, identity.max_concurrency or o.max_concurrency
         return ticket, rpm, tpm, cap, identity.priority == "high"
 
@@ -329,7 +342,8 @@ class Plugin:
                 del self.running[ticket.key]
         if ticket.held is not None:  # refused or answered before routing: the slot was never used
             self.held[ticket.held.id] -= 1
-        self.queue.dispatch(self._admit)
+        if len(self.queue):
+            self.queue.dispatch(self._admit)
         return self._correct_tokens(call, ticket) if ticket.tpm else None
 
     @staticmethod
@@ -343,7 +357,7 @@ class Plugin:
         tpm = ticket.tpm
         if not difference or not tpm:
             return None
-        store, name = call.gateway.store, bucket("tokens", ticket.key)
+        store, name = call.gateway.store, ticket.buckets["tokens"]
         if isinstance(store, MemoryStore):
             store.take_now(name, difference, tpm / 60, tpm, force=True)
             return None
