@@ -191,7 +191,9 @@ async def streams(url: str, count: int, chunks: int, gap_ms: float) -> dict[str,
     }
 
 
-def _gateway_config(tmp: Path, port: int, backend_port: int, extra: str | None = None, workers: str = "1") -> Path:
+def _gateway_config(
+    tmp: Path, port: int, backend_port: int, extra: str | None = None, workers: str = "1", uvloop: str = ""
+) -> Path:
     """The default plugins of gateway.yaml; ``extra`` names a YAML file whose ``plugins`` are added."""
     plugins = "health: {interval: 10, timeout: 5}, circuit_breaker: {}, task_aware: {}"
     if extra:
@@ -199,6 +201,7 @@ def _gateway_config(tmp: Path, port: int, backend_port: int, extra: str | None =
         plugins += ", " + ", ".join(f"{name}: {json.dumps(options or {})}" for name, options in added.items())
     config = tmp / f"gateway-{port}.yaml"
     more = "" if workers == "1" else f", workers: {workers}"  # an older checkout knows no server.workers
+    more += f", uvloop: {uvloop}" if uvloop else ""  # nor server.uvloop
     config.write_text(
         f"server: {{port: {port}{more}}}\nstorage: {{sqlite: ./gw-{port}.db}}\n"
         f"admin: {{api_key: {ADMIN_KEY}}}\n"
@@ -231,7 +234,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         urls["nginx"] = f"http://127.0.0.1:{port}"
     for name, env in args.gateways:
         port = free_port()
-        config = _gateway_config(tmp, port, backend_port, env.pop("PLUGINS", None), env.pop("WORKERS", "1"))
+        extra, workers, uvloop = env.pop("PLUGINS", None), env.pop("WORKERS", "1"), env.pop("UVLOOP", "")
+        config = _gateway_config(tmp, port, backend_port, extra, workers, uvloop)
         command = [sys.executable, "-m", "gateway", "serve", "--config", str(config)]
         source = env.pop("SOURCE", str(ROOT))  # another checkout's code, e.g. the previous commit's
         procs[name] = subprocess.Popen(command, stdout=log, stderr=log, cwd=source, env={**os.environ, **env})
@@ -339,8 +343,8 @@ def main() -> None:
         action="append",
         metavar="NAME[:VAR=VALUE,...]",
         help="a gateway to measure, with extra environment (SOURCE=DIR runs that checkout's code, PLUGINS=FILE adds "
-        "the plugins of that YAML file, WORKERS=N sets server.workers: CPU and memory are then all workers' together); "
-        "repeatable (default: one, 'gateway')",
+        "the plugins of that YAML file, UVLOOP=false sets server.uvloop, WORKERS=N sets server.workers: CPU and "
+        "memory are then all workers' together); repeatable (default: one, 'gateway')",
     )
     parser.add_argument("--no-nginx", action="store_true", help="leave nginx out even where it is installed")
     parser.add_argument(

@@ -83,6 +83,10 @@ class ServerConfig:
         default=1,
         metadata={"doc": "processes serving the port (SO_REUSEPORT); 'auto': one per core", "check": _workers},
     )
+    uvloop: bool = field(
+        default=True,
+        metadata={"doc": "run on uvloop where it is installed (about 10 % less CPU a request); false: asyncio's loop"},
+    )
 
 
 @dataclass(frozen=True)

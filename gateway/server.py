@@ -267,6 +267,7 @@ async def announce(app: web.Application, port: int) -> None:
         strategy=config.routing.strategy,
         plugins=sorted(gateway.plugins.sources),
         database=str(config.database_path),
+        event_loop=type(asyncio.get_running_loop()).__module__.split(".")[0],  # "uvloop" or "asyncio"
     )
     if not is_loopback(host) and not gateway.plugins.authenticate:
         gateway.log.warning(
@@ -307,9 +308,25 @@ def serve(config: GatewayConfig) -> int:
     """Run the gateway until SIGTERM or Ctrl-C; the exit status (2: it could not listen)."""
     count = worker_count(config.server.workers)
     if count == 1:
-        return asyncio.run(_run(config))
+        return _run_on_loop(config)
     taken = port_free(config.server.host, config.server.port)
     if taken is not None:
         print(f"multiverse: {_bind_problem(config.server.host, config.server.port, taken)}", file=sys.stderr)
         return 2
-    return serve_workers(count, lambda: asyncio.run(_run(config)))
+    return serve_workers(count, lambda: _run_on_loop(config))
+
+
+def _run_on_loop(config: GatewayConfig) -> int:
+    with asyncio.Runner(loop_factory=loop_factory(config.server.uvloop)) as runner:
+        return runner.run(_run(config))
+
+
+def loop_factory(wanted: bool) -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """uvloop's loop where it is installed and wanted (server.uvloop), else asyncio's (None)."""
+    if not wanted:
+        return None
+    try:
+        import uvloop
+    except ImportError:
+        return None
+    return uvloop.new_event_loop

@@ -83,11 +83,16 @@ def procs() -> Iterator[list[Proc]]:
 
 
 def start_gateway(
-    procs: list[Proc], tmp_path: Path, port: int, admin: str = "", env: dict[str, str] | None = None
+    procs: list[Proc],
+    tmp_path: Path,
+    port: int,
+    admin: str = "",
+    env: dict[str, str] | None = None,
+    server: str = "",
 ) -> Proc:
     config = tmp_path / "gateway.yaml"
     admin = "admin: {allow_private_backends: true" + (f", {admin}" if admin else "") + "}\n"
-    config.write_text(f"server: {{port: {port}}}\nstorage: {{sqlite: ./var/gw.db}}\n{admin}")
+    config.write_text(f"server: {{port: {port}{server}}}\nstorage: {{sqlite: ./var/gw.db}}\n{admin}")
     proc = Proc(["serve", "--config", str(config)], tmp_path, env)
     procs.append(proc)
     proc.wait_ready(f"http://127.0.0.1:{port}/health")
@@ -123,12 +128,20 @@ def test_quick_start_with_a_generated_admin_key(procs: list[Proc], tmp_path: Pat
     assert request_line["model"] == "echo" and request_line["status"] == 200 and request_line["attempts"] == 1
     assert request_line["backend"] == created["name"] == f"backend-{created['registration_id'][:8]}"
     assert request_line["latency_ms"] > 0
+    started = json.loads(next(line for line in log.splitlines() if "gateway_started" in line))
+    assert started["event_loop"] == "uvloop"  # a dependency: the quick start runs on it
 
     gateway.stop()  # a restart keeps the key and the registration
     again = start_gateway(procs, tmp_path, port)
     assert "admin_key_generated" not in again.output()
     _, listed = http("GET", f"{base}/admin/servers", headers={"Authorization": f"Bearer {key}"})
     assert [s["owner_name"] for s in listed["servers"]] == ["Ada"]
+
+
+def test_server_uvloop_false_runs_on_asyncios_loop(procs: list[Proc], tmp_path: Path) -> None:
+    gateway = start_gateway(procs, tmp_path, free_port(), server=", uvloop: false")
+    started = json.loads(next(line for line in gateway.output().splitlines() if "gateway_started" in line))
+    assert started["event_loop"] == "asyncio"
 
 
 def test_kill_9_during_registrations_loses_none_acknowledged(procs: list[Proc], tmp_path: Path) -> None:
