@@ -49,6 +49,9 @@ class FairQueue:
         if queue is not None and waiter in queue:
             queue.remove(waiter)
             self._count -= 1
+            if not self._count:  # nobody waits: places in the rotation no longer matter (as after a dispatch)
+                for level in self._levels:
+                    level.clear()
 
     def waiting(self, key: str) -> int:
         return sum(len(level.get(key, ())) for level in self._levels)

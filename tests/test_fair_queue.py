@@ -119,6 +119,23 @@ async def test_keys_take_turns_and_an_idle_key_keeps_its_place() -> None:
         waiters[2].future.result()  # never admitted
 
 
+async def test_a_key_whose_only_waiter_gave_up_keeps_no_place_once_nobody_waits() -> None:
+    queue, order = FairQueue(), []
+    gave_up = Waiter("a", MODEL)
+    queue.add(gave_up)
+    queue.remove(gave_up)  # timed out or hung up, and no dispatch since: the queue is empty
+    queue.add(Waiter("b", MODEL))
+    queue.add(Waiter("a", MODEL))
+
+    def admit_one(waiter: Waiter) -> bool:
+        if order:
+            return False
+        order.append(waiter.key)
+        return True
+
+    assert queue.dispatch(admit_one) == 1 and order == ["b"]  # b came first; a's old place is gone
+
+
 async def test_a_waiter_that_gave_up_is_never_admitted_and_leaks_no_slot() -> None:
     """A queued request cancelled between its future's cancellation and its cleanup (a hang-up, a timeout)
     must not be handed a slot: before, dispatch reserved one for it and then raised InvalidStateError."""
