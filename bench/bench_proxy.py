@@ -65,13 +65,18 @@ def _stat(pid: int) -> list[str]:
 
 def process_tree(pid: int) -> list[int]:
     """``pid`` and every process under it (nginx's workers, the gateway's with WORKERS=N)."""
-    tree = [pid]
-    for entry in sorted(int(e.name) for e in Path("/proc").iterdir() if e.name.isdigit()):
-        try:
-            if int(_stat(entry)[1]) in tree:  # its parent is in the tree (parents have the lower pid)
-                tree.append(entry)
-        except OSError:  # ended meanwhile
-            continue
+    parents: dict[int, int] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                parents[int(entry.name)] = int(_stat(int(entry.name))[1])
+            except OSError:  # ended meanwhile
+                continue
+    tree, grew = [pid], True
+    while grew:  # to a fixed point: pids wrap around, so a child's may be lower than its parent's
+        found = [child for child, parent in parents.items() if parent in tree and child not in tree]
+        tree += found
+        grew = bool(found)
     return tree
 
 
@@ -160,11 +165,12 @@ def wrk_load(url: str, seconds: float, concurrency: int, script: Path) -> dict[s
         return float(value) * _UNITS[unit]
 
     refused = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    broken = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
     return {
         "rps": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)),  # type: ignore[union-attr]
         "p50_ms": latency("50"),
         "p99_ms": latency("99"),
-        "errors": int(refused.group(1)) if refused else 0,
+        "errors": (int(refused.group(1)) if refused else 0) + (sum(map(int, broken.groups())) if broken else 0),
         "count": int(re.search(r"(\d+) requests in", out).group(1)),  # type: ignore[union-attr]
     }
 

@@ -44,6 +44,14 @@ class Connection(ResponseHandler):
         super().data_received(data)
 
 
+def abort(connection: Connection) -> None:
+    """Close without a graceful TLS shutdown (aiohttp's connector aborts too: ssl_shutdown_timeout=0)."""
+    transport = connection.transport
+    if transport is not None:
+        transport.abort()
+    connection.close()
+
+
 def request_head(path: str, host: str, headers: CIMultiDict[str], length: int) -> bytes:
     """The request line and headers as aiohttp's session sends them for ``post(data=bytes)``.
 
@@ -127,6 +135,7 @@ class Answer:
             self._pool.put(self._origin, connection)
 
     def close(self) -> None:
+        """Drop the connection at once (a TLS backend is not waited on for its close_notify)."""
         connection, self._connection = self._connection, None
         if connection is not None:
-            connection.close()
+            abort(connection)

@@ -23,8 +23,9 @@ from aiohttp.abc import AbstractResolver, ResolveResult
 from aiohttp.client_reqrep import ConnectionKey
 from aiohttp.resolver import DefaultResolver
 from multidict import CIMultiDict
+from yarl import URL
 
-from gateway.http1 import Answer, Connection, exchange, request_head
+from gateway.http1 import Answer, Connection, abort, exchange, request_head
 
 KEEPALIVE = 15.0
 """Seconds an idle connection is kept (aiohttp's ``keepalive_timeout``); servers often keep theirs 5 to 75."""
@@ -105,18 +106,18 @@ class Pool:
             except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError):
                 if not reused or connection.answered:
                     raise
-                connection.close()
+                abort(connection)
                 connection = await self._connect(target, connect_timeout)
                 message, payload = await exchange(connection, target.path, head, body, read_timeout)
         except BaseException:  # failed, timed out or cancelled: never reuse a connection mid-exchange
-            connection.close()
+            abort(connection)
             raise
         return Answer(self, target.origin, connection, message, payload)
 
     def put(self, origin: Origin, connection: Connection) -> None:
         """Take back a connection whose answer was read to its end, unless it must close."""
         if self._closed or connection.should_close or not connection.is_connected():
-            connection.close()
+            abort(connection)
             return
         idle = self._idle.get(origin)
         if idle is None:
@@ -124,7 +125,7 @@ class Pool:
         loop = asyncio.get_running_loop()
         now = loop.time()
         while idle and (now - idle[0][0] >= self._keepalive or len(idle) >= MAX_IDLE):
-            idle.popleft()[1].close()
+            abort(idle.popleft()[1])
         idle.append((now, connection))
         if self._sweeping is None:
             self._sweeping = loop.call_later(self._keepalive, self._sweep)
@@ -136,7 +137,7 @@ class Pool:
         now = loop.time()
         for origin, idle in list(self._idle.items()):
             while idle and now - idle[0][0] >= self._keepalive:
-                idle.popleft()[1].close()
+                abort(idle.popleft()[1])
             if not idle:
                 del self._idle[origin]
         if self._idle:
@@ -152,7 +153,7 @@ class Pool:
             since, connection = idle.pop()
             if now - since < self._keepalive and connection.is_connected() and not connection.should_close:
                 return connection
-            connection.close()
+            abort(connection)
         return None
 
     async def _connect(self, target: _Target, timeout: float | None) -> Connection:
@@ -185,15 +186,22 @@ class Pool:
         if cached is None or cached[0] <= loop.time():
             if len(self._dns) >= MAX_NAMES:  # tunnel host names come and go: forget the expired ones
                 self._dns = {name: entry for name, entry in self._dns.items() if entry[0] > loop.time()}
+                while len(self._dns) >= MAX_NAMES:  # still full: the oldest lookups go
+                    del self._dns[next(iter(self._dns))]
             lookup = loop.create_task(self._lookup(host, port))
             lookup.add_done_callback(_retrieved)
             cached = self._dns[(host, port)] = (loop.time() + self._dns_ttl, lookup)
         try:
             return await asyncio.shield(cached[1])
-        except OSError as exc:
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # OSError, or whatever another resolver raises: a connect error, not cached
             if self._dns.get((host, port)) is cached:
                 del self._dns[(host, port)]
-            raise aiohttp.ClientConnectorDNSError(target.key, exc) from exc
+            error = (
+                exc if isinstance(exc, OSError) else OSError(f"the host name did not resolve ({type(exc).__name__})")
+            )
+            raise aiohttp.ClientConnectorDNSError(target.key, error) from exc
 
     async def _lookup(self, host: str, port: int) -> list[AddrInfo]:
         return _addr_infos(await self._resolver.resolve(host, port, family=socket.AF_UNSPEC))
@@ -211,9 +219,10 @@ class Pool:
             addresses = None
         else:
             addresses = _addr_infos([_literal(host, port)])
-        target = _Target(Origin(scheme, host, port), parts.path or "/", host_header, key, addresses)
-        if len(self._targets) >= MAX_NAMES:  # registrations come and go: never grow without bound
-            self._targets.clear()
+        path = URL(url).raw_path or "/"  # percent-encoded once, as aiohttp's session sent it (yarl)
+        target = _Target(Origin(scheme, host, port), path, host_header, key, addresses)
+        if len(self._targets) >= MAX_NAMES:  # registrations come and go: the oldest URL worked out goes
+            del self._targets[next(iter(self._targets))]
         self._targets[url] = target
         return target
 
@@ -224,10 +233,11 @@ class Pool:
             self._sweeping.cancel()
         for idle in self._idle.values():
             for _, connection in idle:
-                connection.close()
+                abort(connection)
         self._idle.clear()
         for _, lookup in self._dns.values():
             lookup.cancel()
+        self._dns.clear()
         await self._resolver.close()
 
 

@@ -226,6 +226,8 @@ async def test_the_request_carries_what_aiohttps_session_sent(raw: StartRaw, poo
     )
     with pytest.raises(ValueError):  # a header cannot split the request
         await pool.post(backend.url + "/v1/x", CIMultiDict({"X-Bad": "a\r\nInjected: 1"}), b"{}", None)
+    await _get(pool, backend.url + "/café%20au%2Flait")  # a base path as registered: sent percent-encoded, once
+    assert backend.heads[1].split(b"\r\n")[0] == b"POST /caf%C3%A9%20au%2Flait/v1/chat/completions HTTP/1.1"
 
 
 async def test_connect_failures_name_no_address(pool: Pool) -> None:
@@ -267,14 +269,42 @@ class _Loopback(AbstractResolver):
         return None
 
 
-async def test_host_names_that_come_and_go_are_not_remembered_without_bound(raw: StartRaw) -> None:
+@pytest.mark.parametrize("ttl", [0, 60], ids=["expired", "all-fresh"])
+async def test_host_names_that_come_and_go_are_not_remembered_without_bound(raw: StartRaw, ttl: float) -> None:
     backend = await raw(lambda n: JSON)
     port = backend.url.rsplit(":", 1)[1]
-    pool = Pool(_Loopback(), dns_ttl=0)  # every lookup expires at once, as a tunnel name no longer used does
+    pool = Pool(_Loopback(), dns_ttl=ttl)  # 0: every lookup expires at once, as a tunnel name no longer used does
     try:
         for i in range(MAX_NAMES + 50):
             assert await _get(pool, f"http://tunnel-{i}.test:{port}") == b"{}"
         assert len(pool._dns) <= MAX_NAMES and len(pool._targets) <= MAX_NAMES
+    finally:
+        await pool.close()
+
+
+class _Flaky(_Loopback):
+    """A resolver (aiodns, a plugin's) that fails once with its own exception, not an OSError."""
+
+    failed = False
+
+    async def resolve(self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET) -> list[Any]:
+        if not self.failed:
+            self.failed = True
+            raise RuntimeError("resolver broke")
+        return await super().resolve(host, port, family)
+
+
+async def test_a_resolver_failing_its_own_way_is_a_dns_error_and_is_not_remembered(raw: StartRaw) -> None:
+    backend = await raw(lambda n: JSON)
+    url = backend.url.replace("127.0.0.1", "flaky.test")
+    pool = Pool(_Flaky())
+    try:
+        with pytest.raises(aiohttp.ClientConnectorDNSError) as failed:
+            await _get(pool, url)
+        assert (
+            "resolver broke" not in str(failed.value) and _os_reason(failed.value) == "its host name does not resolve"
+        )
+        assert await _get(pool, url) == b"{}"  # asked again, not the cached failure
     finally:
         await pool.close()
 
