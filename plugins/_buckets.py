@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 
 from gateway.errors import GatewayError
@@ -18,11 +19,10 @@ def bucket(kind: str, key: str) -> str:
 
 def settle(kind: str, limit: int, amount: float, wait: float, left: float, headers: dict[str, str], who: str) -> None:
     """Set a bucket's x-ratelimit-* headers from a take's answer (``wait``, tokens ``left``); a 429 if it refused."""
-    rate = limit / 60
     names = _HEADERS[kind]
-    headers[names[0]] = str(limit)
-    headers[names[1]] = str(max(0, math.floor(left)))
-    headers[names[2]] = duration((limit - left) / rate if wait == 0 else wait)
+    headers[names[0]] = _text(limit)
+    headers[names[1]] = str(math.floor(left)) if left >= 1 else "0"
+    headers[names[2]] = duration((limit - left) * 60 / limit if wait == 0 else wait)
     if wait:
         seconds = max(1, math.ceil(wait))
         what = f"{limit} {kind} a minute for {who}"
@@ -35,6 +35,12 @@ def settle(kind: str, limit: int, amount: float, wait: float, left: float, heade
             headers={**headers, "Retry-After": str(seconds)},
         )
         raise refusal
+
+
+@functools.cache
+def _text(limit: int) -> str:
+    """A limit as its header shows it: the same few limits every request, formatted once."""
+    return str(limit)
 
 
 def duration(seconds: float) -> str:
