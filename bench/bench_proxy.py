@@ -102,9 +102,9 @@ def peak_rss_mb(pid: int) -> float:
     return total
 
 
-async def wait_ready(url: str) -> None:
+async def wait_ready(url: str, attempts: int = 200) -> None:
     async with aiohttp.ClientSession() as session:
-        for _ in range(200):
+        for _ in range(attempts):
             try:
                 async with session.get(url) as response:
                     if response.status == 200:
@@ -120,8 +120,8 @@ def pct(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
-async def load(url: str, total: int, concurrency: int) -> dict[str, float]:
-    """Send ``total`` small chat completions with ``concurrency`` in flight."""
+async def load(url: str, total: int, concurrency: int, warm: int = 50) -> dict[str, float]:
+    """Send ``total`` small chat completions with ``concurrency`` in flight, after ``warm`` not timed."""
     latencies: list[float] = []
     errors = 0
     remaining = iter(range(total))
@@ -138,7 +138,7 @@ async def load(url: str, total: int, concurrency: int) -> dict[str, float]:
                         errors += 1
                 latencies.append(time.perf_counter() - started)
 
-        for _ in range(min(50, total)):  # warm the connection pools
+        for _ in range(min(warm, total)):  # warm the connection pools
             async with session.post(url, data=CHAT, headers=HEADERS) as response:
                 await response.read()
         started = time.perf_counter()
@@ -197,7 +197,7 @@ async def streams(url: str, count: int, chunks: int, gap_ms: float) -> dict[str,
     }
 
 
-def _gateway_config(
+def gateway_config(
     tmp: Path, port: int, backend_port: int, extra: str | None = None, workers: str = "1", uvloop: str = ""
 ) -> Path:
     """The default plugins of gateway.yaml; ``extra`` names a YAML file whose ``plugins`` are added."""
@@ -241,7 +241,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     for name, env in args.gateways:
         port = free_port()
         extra, workers, uvloop = env.pop("PLUGINS", None), env.pop("WORKERS", "1"), env.pop("UVLOOP", "")
-        config = _gateway_config(tmp, port, backend_port, extra, workers, uvloop)
+        config = gateway_config(tmp, port, backend_port, extra, workers, uvloop)
         command = [sys.executable, "-m", "gateway", "serve", "--config", str(config)]
         source = env.pop("SOURCE", str(ROOT))  # another checkout's code, e.g. the previous commit's
         procs[name] = subprocess.Popen(command, stdout=log, stderr=log, cwd=source, env={**os.environ, **env})
