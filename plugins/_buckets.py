@@ -37,7 +37,7 @@ def settle(kind: str, limit: int, amount: float, wait: float, left: float, heade
         raise refusal
 
 
-@functools.cache
+@functools.lru_cache(maxsize=256)
 def _text(limit: int) -> str:
     """A limit as its header shows it: the same few limits every request, formatted once."""
     return str(limit)
