@@ -33,8 +33,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.bench_proxy import ROOT, free_port, gateway_config, load, wait_ready
 
 
-def counted(out: Path, pid: int) -> int:
-    """Zero the counters (``callgrind_control -z``); after a load, ``dump`` returns what was counted."""
+def zero_counters(out: Path, pid: int) -> int:
+    """Zero the counters (``callgrind_control -z``); return how many dumps exist, for ``dumped``."""
     subprocess.run(["callgrind_control", "-z", str(pid)], check=True, capture_output=True)
     return len(list(out.parent.glob(out.name + "*")))
 
@@ -81,7 +81,7 @@ async def run(args: argparse.Namespace) -> dict[str, list[float]]:
         for _ in range(args.rounds):
             for name, (proc, url, out) in gateways.items():
                 await load(url + "/v1/chat/completions", 20, 4)  # warm: caches, pools, the JIT-free paths
-                before = counted(out, proc.pid)
+                before = zero_counters(out, proc.pid)
                 await load(url + "/v1/chat/completions", args.requests, 4, warm=0)
                 results[name].append(dumped(out, proc.pid, before) / args.requests)
         return results

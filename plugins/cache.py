@@ -27,7 +27,7 @@ from gateway.upstream import call_headers
 from gateway.validate import positive
 from plugins._cache_entries import Entry, MemoryLRU
 
-_IGNORED = ("user", "metadata")
+_IGNORED = frozenset(("user", "metadata"))
 _HEADER = "X-Multiverse-Cache"
 # Built once (json.dumps with options builds an encoder per call); a parsed body has no cycles to check for.
 _CANONICAL = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False, check_circular=False)
@@ -81,7 +81,7 @@ class Plugin:
 
     def key(self, call: Call) -> str:
         body = call.json
-        if "user" in body or "metadata" in body:
+        if not _IGNORED.isdisjoint(body):  # copy only when there is something to leave out
             body = {k: v for k, v in body.items() if k not in _IGNORED}
         who = getattr(call.identity, "key_id", None) if self.options.per_key else None
         text = _CANONICAL.encode([call.endpoint, who, body])
