@@ -75,10 +75,17 @@ class MemoryStore:
         """``take_level`` without a coroutine: for a plugin's synchronous path when the store is this one."""
         now = time.monotonic()  # _level and _wrote inlined: this runs for every bucket of every request
         found = self._buckets.get(key)
-        tokens = capacity if found is None else min(capacity, found[0] + (now - found[1]) * rate)
+        if found is None:  # conditionals, not min(): a call to a builtin costs more than the comparison
+            tokens = capacity
+        else:
+            tokens = found[0] + (now - found[1]) * rate
+            if tokens > capacity:
+                tokens = capacity
         taken = amount <= tokens or amount <= 0 or force
         if taken:
-            tokens = min(capacity, tokens - amount)
+            tokens -= amount
+            if tokens > capacity:  # a negative amount (tokens given back) never fills past the capacity
+                tokens = capacity
         full_at = now + (capacity - tokens) / rate if rate > 0 else float("inf")
         self._buckets[key] = (tokens, now, full_at)
         self._writes += 1

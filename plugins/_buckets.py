@@ -21,8 +21,9 @@ def settle(kind: str, limit: int, amount: float, wait: float, left: float, heade
     """Set a bucket's x-ratelimit-* headers from a take's answer (``wait``, tokens ``left``); a 429 if it refused."""
     names = _HEADERS[kind]
     headers[names[0]] = _text(limit)
-    headers[names[1]] = str(math.floor(left)) if left >= 1 else "0"
-    headers[names[2]] = duration((limit - left) * 60 / limit if wait == 0 else wait)
+    headers[names[1]] = str(int(left)) if left >= 1 else "0"  # int() of a positive number: its floor
+    reset = (limit - left) * 60 / limit if wait == 0 else wait
+    headers[names[2]] = f"{round(reset * 1000)}ms" if 0 <= reset < 1 else duration(reset)  # duration's usual case
     if wait:
         seconds = max(1, math.ceil(wait))
         what = f"{limit} {kind} a minute for {who}"

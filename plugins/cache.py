@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import json.encoder
 from collections.abc import Awaitable
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -31,6 +32,22 @@ _IGNORED = frozenset(("user", "metadata"))
 _HEADER = "X-Multiverse-Cache"
 # Built once (json.dumps with options builds an encoder per call); a parsed body has no cycles to check for.
 _CANONICAL = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False, check_circular=False)
+# JSONEncoder.encode makes a C encoder for every call, then joins its output: make that C encoder once
+# (json.encoder's own fast path, with _CANONICAL's settings); pure-Python JSON builds have none.
+_C_ENCODER = (
+    json.encoder.c_make_encoder(
+        None, _CANONICAL.default, json.encoder.encode_basestring, None, ":", ",", True, False, True
+    )
+    if json.encoder.c_make_encoder is not None
+    else None
+)
+
+
+def canonical(value: Any) -> str:
+    """``value`` as JSON with sorted keys and no spaces: equal requests give equal text."""
+    if _C_ENCODER is None:
+        return _CANONICAL.encode(value)
+    return "".join(_C_ENCODER(value, 0))
 
 
 @dataclass(frozen=True)
@@ -70,7 +87,9 @@ class Plugin:
         if call.dry_run or call.endpoint not in self.options.endpoints:
             return
         control = call.request.headers.get("Cache-Control", "").lower()
-        if "no-store" in control or (self.options.only_deterministic and not _deterministic(call.json)):
+        body = call.json
+        deterministic = body.get("temperature") == 0 or body.get("seed") is not None
+        if "no-store" in control or (self.options.only_deterministic and not deterministic):
             _tag(call, "bypass")
             return
         call.state["cache.key"] = self.key(call)
@@ -84,7 +103,7 @@ class Plugin:
         if not _IGNORED.isdisjoint(body):  # copy only when there is something to leave out
             body = {k: v for k, v in body.items() if k not in _IGNORED}
         who = getattr(call.identity, "key_id", None) if self.options.per_key else None
-        text = _CANONICAL.encode([call.endpoint, who, body])
+        text = canonical([call.endpoint, who, body])
         return "cache:" + hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=20).hexdigest()
 
     @hookimpl
@@ -146,10 +165,6 @@ class Plugin:
             self.memory.put(key, entry, self.options.ttl)
             return None
         return self.store.set(key, entry.encode(), ttl=self.options.ttl)
-
-
-def _deterministic(body: dict[str, Any]) -> bool:
-    return body.get("temperature") == 0 or body.get("seed") is not None
 
 
 def _tag(call: Call, outcome: str) -> None:

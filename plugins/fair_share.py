@@ -33,23 +33,23 @@ class FairQueue:
 
     def __init__(self) -> None:
         self._levels: tuple[OrderedDict[str, deque[Waiter]], ...] = (OrderedDict(), OrderedDict())  # high, normal
-        self._count = 0  # waiters in all queues: asked on every request, so kept rather than summed
+        self.count = 0  # waiters in all queues: read on every request (an attribute, no call), kept not summed
 
     def __len__(self) -> int:
-        return self._count
+        return self.count
 
     def add(self, waiter: Waiter) -> None:
         level = self._levels[0 if waiter.high else 1]
         level.setdefault(waiter.key, deque()).append(waiter)
-        self._count += 1
+        self.count += 1
 
     def remove(self, waiter: Waiter) -> None:
         """Forget a waiter that gave up (timed out, or its client hung up); a no-op once admitted."""
         queue = self._levels[0 if waiter.high else 1].get(waiter.key)
         if queue is not None and waiter in queue:
             queue.remove(waiter)
-            self._count -= 1
-            if not self._count:  # nobody waits: places in the rotation no longer matter (as after a dispatch)
+            self.count -= 1
+            if not self.count:  # nobody waits: places in the rotation no longer matter (as after a dispatch)
                 for level in self._levels:
                     level.clear()
 
@@ -67,9 +67,9 @@ class FairQueue:
         """
         admitted = 0
         for level in self._levels:
-            while self._count and self._admit_one(level, admit):
+            while self.count and self._admit_one(level, admit):
                 admitted += 1
-            if not self._count or not any(level.values()):
+            if not self.count or not any(level.values()):
                 level.clear()  # nobody waits: places in the rotation no longer matter
         return admitted
 
@@ -82,11 +82,11 @@ class FairQueue:
             for waiter in list(queue):
                 if waiter.future.done():  # its request gave up (timed out, hung up): it leaves now
                     queue.remove(waiter)
-                    self._count -= 1
+                    self.count -= 1
                     continue
                 if admit(waiter):
                     queue.remove(waiter)
-                    self._count -= 1
+                    self.count -= 1
                     for empty in passed_empty:  # their turn came with nothing to send: they leave the rotation
                         del level[empty]
                     level.move_to_end(key)

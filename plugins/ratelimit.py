@@ -95,26 +95,10 @@ class Ticket:
     """What this plugin took for one call, so that ``request_complete`` gives back exactly that."""
 
     caller: Caller
-    tpm: int | None = None
-    tokens: float = 0.0  # taken from the tpm bucket
+    tpm: int | None = None  # the tpm bucket's limit, when tokens were taken from it
+    tokens: float = 0.0  # taken from the tpm bucket: corrected with the real usage once the answer is in
     concurrent: bool = False  # counted in the key's requests at once
     held: Backend | None = None  # a backend slot reserved until the call is routed
-
-    @property
-    def key(self) -> str:
-        return self.caller.key
-
-    @property
-    def who(self) -> str:
-        return self.caller.who
-
-    @property
-    def buckets(self) -> dict[str, str]:
-        return self.caller.buckets
-
-    def took(self, kind: str, limit: int, amount: float) -> None:
-        if kind == "tokens":  # corrected with the real usage once the answer is in
-            self.tpm, self.tokens = limit, amount
 
 
 class Plugin:
@@ -141,41 +125,44 @@ class Plugin:
     def before_request(self, call: Call) -> Awaitable[None] | None:
         """Synchronous with the in-process store and a free backend (the usual case): no coroutine to run."""
         ticket, rpm, tpm, cap, high = self._ticket(call)
+        caller = ticket.caller
         if call.dry_run:
-            call.explain["ratelimit"] = {"key": ticket.who, "rpm": rpm, "tpm": tpm, "max_concurrency": cap}
+            call.explain["ratelimit"] = {"key": caller.who, "rpm": rpm, "tpm": tpm, "max_concurrency": cap}
             return None
-        if cap is not None and self.running.get(ticket.key, 0) >= cap:
-            message = f"rate limit: at most {cap} requests at once for {ticket.who}; wait for one to finish"
+        running = self.running.get(caller.key, 0)
+        if cap is not None and running >= cap:
+            message = f"rate limit: at most {cap} requests at once for {caller.who}; wait for one to finish"
             raise GatewayError(429, message, code="rate_limit_exceeded", headers={"Retry-After": "1"})
-        self.running[ticket.key] = self.running.get(ticket.key, 0) + 1
+        self.running[caller.key] = running + 1
         ticket.concurrent = True
         call.state["ratelimit"] = ticket
         takes = self._takes(call, ticket, rpm, tpm)
         store = call.gateway.store
         if takes and not isinstance(store, MemoryStore):
             return self._take_then_queue(call, store, ticket, takes, high)
-        for taken, (kind, limit, amount) in enumerate(takes):
-            try:
-                wait, left = store.take_now(ticket.buckets[kind], amount, limit / 60, limit)
-                settle(kind, limit, amount, wait, left, call.response_headers, ticket.who)
-            except GatewayError:
-                if taken:  # a refused request costs nothing: give back what the requests bucket took
-                    store.take_now(ticket.buckets["requests"], -1, takes[0][1] / 60, takes[0][1])
-                raise
-            ticket.took(kind, limit, amount)
+        buckets, headers = caller.buckets, call.response_headers
+        for kind, limit, amount in takes:
+            wait, left = store.take_now(buckets[kind], amount, limit / 60, limit)
+            if wait and kind == "tokens" and rpm is not None:  # refused: a refused request costs nothing
+                store.take_now(buckets["requests"], -1, rpm / 60, rpm)
+            settle(kind, limit, amount, wait, left, headers, caller.who)  # raises the 429 if refused
+            if kind == "tokens":
+                ticket.tpm, ticket.tokens = limit, amount
         return self._queue(call, ticket, high)
 
     async def _take_then_queue(self, call: Call, store: Store, ticket: Ticket, takes: list[Take], high: bool) -> None:
         """``before_request`` with a shared store (Redis): each take is a round trip."""
+        caller = ticket.caller
         for taken, (kind, limit, amount) in enumerate(takes):
             try:
-                wait, left = await store.take_level(ticket.buckets[kind], amount, limit / 60, limit)
-                settle(kind, limit, amount, wait, left, call.response_headers, ticket.who)
+                wait, left = await store.take_level(caller.buckets[kind], amount, limit / 60, limit)
+                settle(kind, limit, amount, wait, left, call.response_headers, caller.who)
             except GatewayError:
                 if taken:
-                    await store.take(ticket.buckets["requests"], -1, takes[0][1] / 60, takes[0][1])
+                    await store.take(caller.buckets["requests"], -1, takes[0][1] / 60, takes[0][1])
                 raise
-            ticket.took(kind, limit, amount)
+            if kind == "tokens":  # corrected with the real usage once the answer is in
+                ticket.tpm, ticket.tokens = limit, amount
         waiting = self._queue(call, ticket, high)
         if waiting is not None:
             await waiting
@@ -190,7 +177,7 @@ class Plugin:
             if estimate > tpm:
                 message = (
                     f"rate limit: this request is estimated at {estimate:.0f} tokens, more than the {tpm} tokens "
-                    f"a minute allowed for {ticket.who}; lower max_tokens or shorten the prompt"
+                    f"a minute allowed for {ticket.caller.who}; lower max_tokens or shorten the prompt"
                 )
                 raise GatewayError(429, message, code="request_too_large")
             takes.append(("tokens", tpm, estimate))
@@ -229,14 +216,14 @@ class Plugin:
         """None when the call may go on now; else the wait for its turn at a backend slot."""
         if not self.options.fair_queue:
             return None
-        if not len(self.queue):  # nobody waits: no turn to take
+        if not self.queue.count:  # nobody waits: no turn to take
             free, ticket.held = self._reserve(call.model)
             if free:
                 return None
         return self._wait_for_slot(call, ticket, high)
 
     async def _wait_for_slot(self, call: Call, ticket: Ticket, high: bool) -> None:
-        waiter = Waiter(ticket.key, call.model, high)
+        waiter = Waiter(ticket.caller.key, call.model, high)
         queued_at = time.perf_counter()
         admitted = False
         closed = asyncio.ensure_future(peer_closed(call.request).wait())
@@ -253,7 +240,7 @@ class Plugin:
             wait = self.options.max_queue_wait
             message = (
                 f"model '{call.model}' is busy: every backend serving it is at its max_concurrency and this "
-                f"request waited {wait:g} s (max_queue_wait) in {ticket.who}'s queue; retry in a few seconds"
+                f"request waited {wait:g} s (max_queue_wait) in {ticket.caller.who}'s queue; retry in a few seconds"
             )
             raise GatewayError(429, message, code="queue_timeout", headers={"Retry-After": "5"}) from None
         finally:
@@ -335,14 +322,15 @@ class Plugin:
         if ticket is None:
             return None
         if ticket.concurrent:
-            left = self.running[ticket.key] - 1
+            key = ticket.caller.key
+            left = self.running[key] - 1
             if left:
-                self.running[ticket.key] = left
+                self.running[key] = left
             else:
-                del self.running[ticket.key]
+                del self.running[key]
         if ticket.held is not None:  # refused or answered before routing: the slot was never used
             self.held[ticket.held.id] -= 1
-        if len(self.queue):
+        if self.queue.count:
             self.queue.dispatch(self._admit)
         return self._correct_tokens(call, ticket) if ticket.tpm else None
 
@@ -357,7 +345,7 @@ class Plugin:
         tpm = ticket.tpm
         if not difference or not tpm:
             return None
-        store, name = call.gateway.store, ticket.buckets["tokens"]
+        store, name = call.gateway.store, ticket.caller.buckets["tokens"]
         if isinstance(store, MemoryStore):
             store.take_now(name, difference, tpm / 60, tpm, force=True)
             return None

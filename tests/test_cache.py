@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import aiohttp
@@ -10,6 +11,7 @@ import pytest
 
 from gateway.store import MemoryStore
 from plugins._cache_entries import Entry, MemoryLRU
+from plugins.cache import canonical
 from tests.conftest import StartBackend, StartGateway
 
 IDENTITY = "tests.bearer_identity"
@@ -132,6 +134,31 @@ async def test_a_hit_is_recorded_in_usage_with_its_tokens_and_no_cost(
         miss, hit = [tuple(r) for r in await cursor.fetchall()]
     assert miss[0] == 0 and miss[2] > 3 / 1000 and miss[3] == "b0" and miss[4] > 0
     assert hit == (1, 3, 0.0, None, 0.0)
+
+
+async def test_the_same_request_with_its_fields_in_another_order_is_a_hit(
+    start_backend: StartBackend, start_gateway: StartGateway
+) -> None:
+    backend = await start_backend()
+    gateway = await start_gateway(backend, plugins={"cache": {}})
+    asked = {"model": "echo", "temperature": 0, "messages": [{"role": "user", "content": "ordre ✓"}]}
+    shuffled = {"messages": [{"content": "ordre ✓", "role": "user"}], "temperature": 0, "model": "echo"}
+    async with aiohttp.ClientSession() as session:
+        answers = []
+        for body in (asked, shuffled, {**asked, "max_tokens": 5}):
+            async with session.post(f"{gateway.base_url}/chat/completions", json=body) as response:
+                answers.append(response.headers["X-Multiverse-Cache"])
+    assert answers == ["miss", "hit", "miss"]  # another field is another request
+    assert len(backend.seen) == 2
+
+
+def test_the_canonical_text_is_sorted_compact_json_of_any_request() -> None:
+    value = ["chat/completions", None, {"z": [1.5, True, None, {"b": 'é\n"', "a": -0.0}], "a": 10**30, "m": "✓"}]
+    assert canonical(value) == json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    assert (
+        canonical(value) == '["chat/completions",null,{"a":1000000000000000000000000000000,"m":"✓",'
+        '"z":[1.5,true,null,{"a":-0.0,"b":"é\\n\\""}]}]'
+    )
 
 
 def test_the_memory_lru_evicts_the_least_recently_used_by_size() -> None:
