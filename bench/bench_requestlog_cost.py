@@ -1,12 +1,14 @@
 """The requestlog plugin's own CPU cost per request, for issue 10's budget (metrics + requestlog <= 40 us).
 
-    .venv/bin/python bench/bench_requestlog_cost.py [--requests 20000] [--batch 250]
+    .venv/bin/python bench/bench_requestlog_cost.py [--requests 20000] [--batch 250] [--ids gateway|random]
 
 Runs ``request_complete`` on real ``Call`` objects of a gateway with one backend (one attempt,
 usage reported, an identity), and writes the queue to SQLite every ``--batch`` requests as the
 background flush does (500 requests a second with the default 0.5 s interval), formatting and
-``executemany`` included. Printed: CPU microseconds per request (``time.process_time``, all
-threads: aiosqlite writes on its own), median of 5 runs, the Call's own cost subtracted.
+the multi-row inserts included. Each call has its own request id: the gateway's own (``new_id``,
+time-ordered) or, with ``--ids random``, random ones (as from clients that send their own
+X-Request-ID), whose index entries land all over the index. Printed: CPU microseconds per request
+(``time.process_time``, all threads: aiosqlite writes on its own), median of 5 runs, the Call's own cost subtracted.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import statistics
 import sys
 import tempfile
 import time
+import uuid
 from pathlib import Path
 
 from aiohttp.test_utils import make_mocked_request
@@ -25,7 +28,7 @@ from aiohttp.test_utils import make_mocked_request
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from gateway.app import create_app
-from gateway.call import Attempt, Call
+from gateway.call import Attempt, Call, new_id
 from gateway.config import parse
 from gateway.identity import Identity
 from gateway.logs import configure
@@ -36,7 +39,9 @@ BODY = {"model": "bench", "messages": [{"role": "user", "content": "hello there 
 USAGE = {"prompt_tokens": 60, "completion_tokens": 40, "total_tokens": 100}
 
 
-async def per_request_us(requests: int, batch: int, folder: str, run: int, store_content: bool) -> tuple[float, float]:
+async def per_request_us(
+    requests: int, batch: int, folder: str, run: int, store_content: bool, ids: str
+) -> tuple[float, float]:
     """(hot path only, hot path + flush) CPU microseconds per request."""
     config = parse(
         {
@@ -57,10 +62,11 @@ async def per_request_us(requests: int, batch: int, folder: str, run: int, store
     body = json.dumps(BODY).encode()
     [backend] = gateway.registry.for_model("bench")
     hot = 0.0
+    made = [new_id() if ids == "gateway" else str(uuid.uuid4()) for _ in range(requests)]
     try:
         started = time.process_time()
         for i in range(requests):
-            call = Call(gateway, request, "r", "chat/completions", body, BODY)
+            call = Call(gateway, request, made[i], "chat/completions", body, BODY)
             call.identity, call.backend, call.route, call.status, call.usage = (
                 identity,
                 backend,
@@ -109,17 +115,20 @@ async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--requests", type=int, default=20000)
     parser.add_argument("--batch", type=int, default=250, help="requests per flush (default: %(default)s)")
+    parser.add_argument("--ids", choices=("gateway", "random"), default="gateway", help="request ids (see above)")
     args = parser.parse_args()
     configure(level="warning")
     with tempfile.TemporaryDirectory() as folder:
         base = statistics.median([await call_only_us(args.requests, folder) for _ in range(5)])
         for store_content in (False, True):
-            runs = [await per_request_us(args.requests, args.batch, folder, r, store_content) for r in range(5)]
+            runs = [
+                await per_request_us(args.requests, args.batch, folder, r, store_content, args.ids) for r in range(5)
+            ]
             hot = statistics.median(r[0] for r in runs)
             total = statistics.median(r[1] for r in runs) - base
             print(
-                f"requestlog (store_content={str(store_content).lower()}): {total:.1f} us CPU per request with "
-                f"its SQLite writes, {hot:.1f} us on the request's path (Call itself: {base:.1f} us)"
+                f"requestlog (store_content={str(store_content).lower()}, {args.ids} ids): {total:.1f} us CPU per "
+                f"request with its SQLite writes, {hot:.1f} us on the request's path (Call itself: {base:.1f} us)"
             )
 
 

@@ -235,9 +235,12 @@ _VARIANT = {digit: "89ab"[int(digit, 16) & 3] for digit in "0123456789abcdef"}
 
 
 def new_id() -> str:
-    """A random (version 4) UUID as text, which every backend accepts (4x as fast as ``str(uuid4())``)."""
-    h = os.urandom(16).hex()
-    return f"{h[:8]}-{h[8:12]}-4{h[13:16]}-{_VARIANT[h[16]]}{h[17:20]}-{h[20:]}"
+    """A time-ordered (version 7, RFC 9562) UUID as text, which every backend accepts: the time in
+    milliseconds, then 74 random bits. Ids that grow with time go to the end of the index the request
+    log finds them by (random ones cost a page write each: about 4x a row's cost); 4x as fast as
+    ``str(uuid.uuid4())``."""
+    h = f"{time.time_ns() // 1_000_000:012x}{os.urandom(10).hex()}"  # 48 bits of time, 80 random
+    return f"{h[:8]}-{h[8:12]}-7{h[13:16]}-{_VARIANT[h[16]]}{h[17:20]}-{h[20:]}"
 
 
 def _is_uuid(value: str) -> bool:

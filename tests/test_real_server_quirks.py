@@ -148,13 +148,24 @@ async def test_an_unknown_path_under_v1_lists_the_endpoints_served(start_gateway
     )
 
 
-def test_the_gateways_request_ids_are_version_4_uuids() -> None:
+def test_the_gateways_request_ids_are_version_7_uuids_in_time_order() -> None:
+    import time
     import uuid
 
     from gateway.call import new_id
 
-    ids = {new_id() for _ in range(2000)}
-    assert len(ids) == 2000
-    for value in ids:
+    before = time.time_ns() // 1_000_000
+    made = []
+    for _ in range(2000):
+        made.append(new_id())
+        if len(made) % 500 == 0:
+            time.sleep(0.002)  # a few milliseconds apart now and then
+    after = time.time_ns() // 1_000_000
+    assert len(set(made)) == 2000
+    for value in made:
         parsed = uuid.UUID(value)
-        assert (str(parsed), parsed.version, parsed.variant) == (value, 4, uuid.RFC_4122)
+        assert (str(parsed), parsed.version, parsed.variant) == (value, 7, uuid.RFC_4122)
+        assert before <= parsed.int >> 80 <= after  # its first 48 bits: the time in milliseconds
+    milliseconds = [uuid.UUID(value).int >> 80 for value in made]
+    assert milliseconds == sorted(milliseconds) and len(set(milliseconds)) > 1  # text order is time order
+    assert sorted(made, key=lambda v: v[:13]) == made
