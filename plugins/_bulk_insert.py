@@ -11,6 +11,7 @@ from __future__ import annotations
 import sqlite3
 from collections.abc import Sequence
 from functools import cache
+from itertools import chain
 from typing import Any
 
 import aiosqlite
@@ -45,6 +46,6 @@ async def insert(db: aiosqlite.Connection, table: str, columns: tuple[str, ...],
     done = 0
     while done < len(rows):
         count = min(most, 1 << ((len(rows) - done).bit_length() - 1))
-        values = [value for row in rows[done : done + count] for value in row]
+        values = list(chain.from_iterable(rows[done : done + count]))  # one flat list, made in C
         await db.execute(statement(table, columns, count), values)
         done += count

@@ -12,8 +12,6 @@ answer carries ``X-Multiverse-Cache: hit|miss|bypass`` and the tag ``cache`` for
 from __future__ import annotations
 
 import hashlib
-import json
-import json.encoder
 from collections.abc import Awaitable
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -26,28 +24,13 @@ from gateway.pump import ChunkSource, Recorder
 from gateway.state import Gateway
 from gateway.upstream import call_headers
 from gateway.validate import positive
+from plugins import _json_text
 from plugins._cache_entries import Entry, MemoryLRU
 
 _IGNORED = frozenset(("user", "metadata"))
 _HEADER = "X-Multiverse-Cache"
-# Built once (json.dumps with options builds an encoder per call); a parsed body has no cycles to check for.
-_CANONICAL = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False, check_circular=False)
-# JSONEncoder.encode makes a C encoder for every call, then joins its output: make that C encoder once
-# (json.encoder's own fast path, with _CANONICAL's settings); pure-Python JSON builds have none.
-_C_ENCODER = (
-    json.encoder.c_make_encoder(
-        None, _CANONICAL.default, json.encoder.encode_basestring, None, ":", ",", True, False, True
-    )
-    if json.encoder.c_make_encoder is not None
-    else None
-)
-
-
-def canonical(value: Any) -> str:
-    """``value`` as JSON with sorted keys and no spaces: equal requests give equal text."""
-    if _C_ENCODER is None:
-        return _CANONICAL.encode(value)
-    return "".join(_C_ENCODER(value, 0))
+canonical = _json_text.encoder(sort_keys=True)
+"""A request as JSON with sorted keys and no spaces: equal requests give equal text."""
 
 
 @dataclass(frozen=True)

@@ -28,8 +28,8 @@ from gateway.identity import Identity
 from gateway.state import Gateway
 from gateway.validate import positive
 from plugins import _bulk_insert as bulk_insert
+from plugins import _json_text, _tokens
 from plugins import _requestlog_query as q
-from plugins import _tokens
 
 
 @dataclass(frozen=True)
@@ -55,7 +55,8 @@ class Options:
     )
 
 
-Pending = tuple[Any, ...]
+ATTEMPTS, PROMPT, COMPLETION = (q.COLUMN_NAMES.index(name) for name in ("attempts", "prompt", "completion"))
+_json = _json_text.encoder()
 RAW_PER_CHAR = 64
 """Raw stream bytes kept per character of text: an SSE event carries a token or two in ~200 bytes."""
 
@@ -63,7 +64,7 @@ RAW_PER_CHAR = 64
 class Plugin:
     def __init__(self, options: Options | None = None) -> None:
         self.options = options or Options()
-        self.pending: list[Pending] = []
+        self.pending: list[list[Any]] = []  # rows in the table's column order
         self.gateway: Gateway | None = None
 
     @hookimpl
@@ -94,51 +95,40 @@ class Plugin:
 
     @hookimpl
     def request_complete(self, call: Call) -> None:
-        """Queue what happened, as plain values (no reference to the call's objects, so the queue is
-        nothing the garbage collector must walk); JSON and the SQL write happen in ``flush``."""
+        """Queue what happened as the row it becomes, in plain values (no reference to the call's objects,
+        so the queue is nothing the garbage collector must walk); the attempts' JSON, any content and the
+        SQL write happen in ``flush``."""
         if call.dry_run:
             return
         latency = call.latency
         backend = call.backend
         usage = call.usage
-        content = None
-        if self.options.store_content:
-            content = (call.json, call.state.get("requestlog.chunks"), getattr(call.response, "body", None))
+        cache = call.tags.get("cache")
         started = call.started
-        self.pending.append(
-            (time.time() - latency, call.request_id, getattr(call.identity, "name", None), call.request.remote,
-             call.endpoint, int(call.stream), call.requested_model, call.model if backend else None,
-             backend.name if backend else None, call.route or None,
-             tuple([story(attempt, started) for attempt in call.attempts]), call.status, round(latency * 1000, 2),
-             _ms(call.time_to_first_byte), _count(usage, "prompt_tokens"), _count(usage, "completion_tokens"),
-             call.tags.get("cache"), call.error, content)
-        )  # fmt: skip
+        row = [
+            time.time() - latency, call.request_id, getattr(call.identity, "name", None), call.request.remote,
+            call.endpoint, int(call.stream), call.requested_model, call.model if backend else None,
+            backend.name if backend else None, call.route or None,
+            tuple([story(attempt, started) for attempt in call.attempts]), call.status, round(latency * 1000, 2),
+            _ms(call.time_to_first_byte), _count(usage, "prompt_tokens"), _count(usage, "completion_tokens"),
+            cache if cache is None or isinstance(cache, str) else str(cache), call.error, None, None,
+        ]  # fmt: skip
+        if self.options.store_content:  # prompt and completion: made into text in flush
+            row[PROMPT] = (call.json, call.state.get("requestlog.chunks"), getattr(call.response, "body", None))
+        self.pending.append(row)
 
     async def flush(self) -> None:
         """Write the queued requests in one transaction."""
         if not self.pending or self.gateway is None:
             return
-        queued, self.pending = self.pending, []
-        rows = [self._row(*entry) for entry in queued]
+        rows, self.pending = self.pending, []
+        for row in rows:  # in place: each row is already in the table's column order
+            row[ATTEMPTS] = _json(row[ATTEMPTS])
+            if row[PROMPT] is not None:
+                row[PROMPT], row[COMPLETION] = self._content(*row[PROMPT])
         db = self.gateway.registry.db
         await bulk_insert.insert(db, "requestlog", q.COLUMN_NAMES, rows)
         await db.commit()
-
-    def _row(
-        self, at: float, request_id: str, key: str | None, client: str | None, endpoint: str, stream: int,
-        model: str, served: str | None, backend: str | None, strategy: str | None, attempts: tuple[Story, ...],
-        status: int, latency_ms: float, ttft_ms: float | None, prompt_tokens: int | None,
-        completion_tokens: int | None, cache: Any, error: str | None,
-        content: tuple[dict[str, Any], list[bytes] | None, Any] | None,
-    ) -> tuple[Any, ...]:  # fmt: skip
-        prompt = completion = None
-        if content is not None:
-            prompt, completion = self._content(*content)
-        return (
-            at, request_id, key, client, endpoint, stream, model, served, backend, strategy, json.dumps(attempts),
-            status, latency_ms, ttft_ms, prompt_tokens, completion_tokens, None if cache is None else str(cache),
-            error, prompt, completion,
-        )  # fmt: skip
 
     def _content(self, body: dict[str, Any], chunks: list[bytes] | None, answer: Any) -> tuple[str, str | None]:
         """The request's messages (or prompt, or input) as JSON, and the answer's text; each cut short."""
