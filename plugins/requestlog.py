@@ -55,7 +55,9 @@ class Options:
     )
 
 
-ATTEMPTS, PROMPT, COMPLETION = (q.COLUMN_NAMES.index(name) for name in ("attempts", "prompt", "completion"))
+LAST = ("prompt", "completion", "attempts")  # made in flush, from the queue's content and attempts
+QUEUED = (*(name for name in q.COLUMN_NAMES if name not in LAST), *LAST)
+"""The columns in the order ``request_complete`` queues them (and the INSERT names them)."""
 _json = _json_text.encoder()
 RAW_PER_CHAR = 64
 """Raw stream bytes kept per character of text: an SSE event carries a token or two in ~200 bytes."""
@@ -64,7 +66,7 @@ RAW_PER_CHAR = 64
 class Plugin:
     def __init__(self, options: Options | None = None) -> None:
         self.options = options or Options()
-        self.pending: list[list[Any]] = []  # rows in the table's column order
+        self.pending: list[tuple[Any, ...]] = []
         self.gateway: Gateway | None = None
 
     @hookimpl
@@ -95,9 +97,9 @@ class Plugin:
 
     @hookimpl
     def request_complete(self, call: Call) -> None:
-        """Queue what happened as the row it becomes, in plain values (no reference to the call's objects,
-        so the queue is nothing the garbage collector must walk); the attempts' JSON, any content and the
-        SQL write happen in ``flush``."""
+        """Queue what happened, as a tuple of plain values (no reference to the call's objects, and a tuple
+        of such values the garbage collector stops tracking, so a long queue costs its collections
+        nothing); the attempts' JSON, any content and the SQL write happen in ``flush``."""
         if call.dry_run:
             return
         latency = call.latency
@@ -105,29 +107,30 @@ class Plugin:
         usage = call.usage
         cache = call.tags.get("cache")
         started = call.started
-        row = [
-            time.time() - latency, call.request_id, getattr(call.identity, "name", None), call.request.remote,
-            call.endpoint, int(call.stream), call.requested_model, call.model if backend else None,
-            backend.name if backend else None, call.route or None,
-            tuple([story(attempt, started) for attempt in call.attempts]), call.status, round(latency * 1000, 2),
-            _ms(call.time_to_first_byte), _count(usage, "prompt_tokens"), _count(usage, "completion_tokens"),
-            cache if cache is None or isinstance(cache, str) else str(cache), call.error, None, None,
-        ]  # fmt: skip
-        if self.options.store_content:  # prompt and completion: made into text in flush
-            row[PROMPT] = (call.json, call.state.get("requestlog.chunks"), getattr(call.response, "body", None))
-        self.pending.append(row)
+        content = None
+        if self.options.store_content:  # made into the prompt and completion columns in flush
+            content = (call.json, call.state.get("requestlog.chunks"), getattr(call.response, "body", None))
+        self.pending.append(
+            (time.time() - latency, call.request_id, getattr(call.identity, "name", None), call.request.remote,
+             call.endpoint, int(call.stream), call.requested_model, call.model if backend else None,
+             backend.name if backend else None, call.route or None, call.status, round(latency * 1000, 2),
+             _ms(call.time_to_first_byte), _count(usage, "prompt_tokens"), _count(usage, "completion_tokens"),
+             cache if cache is None or isinstance(cache, str) else str(cache), call.error, content,
+             tuple([story(attempt, started) for attempt in call.attempts]))
+        )  # fmt: skip
 
     async def flush(self) -> None:
         """Write the queued requests in one transaction."""
         if not self.pending or self.gateway is None:
             return
-        rows, self.pending = self.pending, []
-        for row in rows:  # in place: each row is already in the table's column order
-            row[ATTEMPTS] = _json(row[ATTEMPTS])
-            if row[PROMPT] is not None:
-                row[PROMPT], row[COMPLETION] = self._content(*row[PROMPT])
+        queued, self.pending = self.pending, []
+        rows = []
+        for entry in queued:  # each already in QUEUED order but for its last two values
+            content = entry[-2]
+            prompt, completion = (None, None) if content is None else self._content(*content)
+            rows.append((*entry[:-2], prompt, completion, _json(entry[-1])))
         db = self.gateway.registry.db
-        await bulk_insert.insert(db, "requestlog", q.COLUMN_NAMES, rows)
+        await bulk_insert.insert(db, "requestlog", QUEUED, rows)
         await db.commit()
 
     def _content(self, body: dict[str, Any], chunks: list[bytes] | None, answer: Any) -> tuple[str, str | None]:
