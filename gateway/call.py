@@ -281,6 +281,10 @@ def parse_body(body: bytes) -> dict[str, Any]:
         raise GatewayError(400, "'model' is required; GET /v1/models lists the models served here", param="model")
     if not isinstance(model, str) or not model:
         raise GatewayError(400, "'model' must be a non-empty string naming a model", param="model")
+    if not model.isprintable():  # control characters, or a lone surrogate (JSON's "\ud800") no database can store
+        raise GatewayError(
+            400, "'model' must be printable text: no control characters or unpaired \\u escapes", param="model"
+        )
     if len(model) > MAX_MODEL_NAME:
         raise GatewayError(
             400, f"'model' is {len(model)} characters; a model name has at most {MAX_MODEL_NAME}", param="model"

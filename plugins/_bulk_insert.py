@@ -47,5 +47,15 @@ async def insert(db: aiosqlite.Connection, table: str, columns: tuple[str, ...],
     while done < len(rows):
         count = min(most, 1 << ((len(rows) - done).bit_length() - 1))
         values = list(chain.from_iterable(rows[done : done + count]))  # one flat list, made in C
-        await db.execute(statement(table, columns, count), values)
+        try:
+            await db.execute(statement(table, columns, count), values)
+        except UnicodeEncodeError:  # text with a lone surrogate (from a backend's JSON, say): never lose the batch
+            await db.execute(statement(table, columns, count), [_storable(value) for value in values])
         done += count
+
+
+def _storable(value: Any) -> Any:
+    """Text SQLite can store: a lone surrogate, which has no UTF-8, becomes '?'."""
+    if isinstance(value, str):
+        return value.encode("utf-8", "replace").decode("utf-8")
+    return value

@@ -35,6 +35,8 @@ def _assert_envelope(body: dict, fragment: str) -> None:  # type: ignore[type-ar
         (b"[1, 2]", "must be a JSON object, not list"),
         (b'{"messages": []}', "'model' is required; GET /v1/models lists the models"),
         (b'{"model": 7}', "'model' must be a non-empty string"),
+        (b'{"model": "echo\\ud800"}', "'model' must be printable text"),  # a lone surrogate: no UTF-8 for it
+        (b'{"model": "echo\\n"}', "'model' must be printable text"),
         (b'{"model": "echo", "stream": "yes"}', "'stream' must be true or false"),
         (b'{"model": "echo", "messages": "hi"}', "'messages' must be a list of message objects"),
         (b'{"model": "echo", "messages": ["hi"]}', "'messages' must be a list of message objects"),
