@@ -58,11 +58,17 @@ def _models(value: list[str] | None) -> str | None:
     return None if value is None or (value and all(value)) else "must list at least one model name (or be left out)"
 
 
+def _name(value: str) -> str | None:
+    if value.strip() and value.isprintable() and len(value) <= 200:
+        return None
+    return "must be printable text of 1 to 200 characters (a student's name, a team), without control characters"
+
+
 @dataclass(frozen=True)
 class KeySpec:
     """What a new key may do: the body of ``POST /admin/keys`` and the options of ``multiverse keys create``."""
 
-    name: str = field(metadata={"doc": "who holds it: a student's name, a team, a demo"})
+    name: str = field(metadata={"doc": "who holds it: a student's name, a team, a demo", "check": _name})
     role: Literal["admin", "host", "user", "readonly"] = "user"
     models: list[str] | None = field(default=None, metadata={"check": _models})
     rpm: int | None = field(default=None, metadata={"check": positive})
