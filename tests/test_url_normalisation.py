@@ -137,6 +137,26 @@ def test_a_configured_backend_url_that_cannot_work_is_a_config_error(tmp_path: P
 @pytest.mark.parametrize(
     ("raw", "param"),
     [
+        (b'{"endpoint_url": "http://example.org", "models": ["m"], "name": "b\\ud800"}', "name"),
+        (b'{"endpoint_url": "http://example.org/\\udfff", "models": ["m"]}', "endpoint_url"),
+        (b'{"endpoint_url": "http://example.org", "models": ["m\\ud800"]}', "models[0]"),
+        (b'{"endpoint_url": "http://example.org", "models": ["m"], "description": "\\ud800"}', "description"),
+        (b'{"endpoint_url": "http://example.org", "models": ["m"], "profile": {"\\ud800": 1}}', "profile.'\\ud800'"),
+    ],
+)
+async def test_text_with_a_lone_surrogate_is_refused_naming_the_field(
+    start_gateway: StartGateway, raw: bytes, param: str
+) -> None:
+    gateway = await start_gateway(backends=[])
+    status, body = await _call("POST", gateway.url + "/admin/register", raw=raw)
+    assert status == 400, body  # was a plain-text 500 (the database cannot store such text)
+    assert body["error"]["param"] == param and "unpaired \\u escape (a lone surrogate)" in body["error"]["message"]
+    assert gateway.state.registry.backends == {}
+
+
+@pytest.mark.parametrize(
+    ("raw", "param"),
+    [
         (b'{"endpoint_url": "http://example.org", "model_name": "m", "weight": 1e999}', "weight"),
         (b'{"endpoint_url": "http://example.org", "model_name": "m", "stall_timeout": Infinity}', "stall_timeout"),
         (b'{"endpoint_url": "http://example.org", "model_name": "m", "connect_timeout": NaN}', "connect_timeout"),
