@@ -1,7 +1,8 @@
 """Instructions per request, which a shared, noisy machine cannot blur: for CPU budgets.
 
     .venv/bin/python bench/bench_instructions.py [--requests 400] [--rounds 2] \
-        --gateway off --gateway access:PLUGINS=bench/access.yaml --gateway ops:PLUGINS=bench/ops.yaml
+        --gateway off --gateway access:PLUGINS=bench/access-count.yaml --gateway ops:PLUGINS=bench/ops-count.yaml \
+        --settle '/admin/requests?limit=1' --settle '/admin/usage?since=1s' [--keep DIR]
 
 Runs each gateway (same NAME:VAR=VALUE syntax as bench_proxy.py) under valgrind's callgrind
 in front of bench/backend.py, warms it up, zeroes the counters, sends ``requests`` small chat
@@ -29,8 +30,10 @@ import tempfile
 import time
 from pathlib import Path
 
+import aiohttp
+
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.bench_proxy import ROOT, free_port, gateway_config, load, wait_ready
+from bench.bench_proxy import ADMIN_KEY, ROOT, free_port, gateway_config, load, wait_ready
 
 
 def zero_counters(out: Path, pid: int) -> int:
@@ -51,6 +54,15 @@ def dumped(out: Path, pid: int, before: int) -> int:
                 return int(found.group(1))
         time.sleep(0.1)
     raise RuntimeError("callgrind wrote no dump")
+
+
+async def settle(url: str, paths: list[str]) -> None:
+    """GET each path with the admin key, inside the count: a plugin's admin query writes its queue first, so
+    a flush of exactly this round's rows is counted, however the flush timer falls."""
+    async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {ADMIN_KEY}"}) as session:
+        for path in paths:
+            async with session.get(url + path) as reply:
+                await reply.read()
 
 
 async def run(args: argparse.Namespace) -> dict[str, list[float]]:
@@ -83,7 +95,13 @@ async def run(args: argparse.Namespace) -> dict[str, list[float]]:
                 await load(url + "/v1/chat/completions", 20, 4)  # warm: caches, pools, the JIT-free paths
                 before = zero_counters(out, proc.pid)
                 await load(url + "/v1/chat/completions", args.requests, 4, warm=0)
+                await settle(url, args.settle)
                 results[name].append(dumped(out, proc.pid, before) / args.requests)
+        if args.keep:  # the last round's dumps, for callgrind_annotate (which functions differ)
+            args.keep.mkdir(parents=True, exist_ok=True)
+            for name, (_, _, out) in gateways.items():
+                newest = max(out.parent.glob(out.name + "*"), key=os.path.getmtime)
+                shutil.copy(newest, args.keep / f"callgrind-{name}.out")
         return results
     finally:
         for proc, _, _ in gateways.values():
@@ -99,6 +117,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--requests", type=int, default=400, help="requests counted per gateway and round")
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument(
+        "--settle",
+        action="append",
+        default=[],
+        metavar="PATH",
+        help="GET this admin path at the end of each counted round (e.g. /admin/requests?limit=1: the request "
+        "log's flush), so that timers set long in the YAML count one flush a round",
+    )
+    parser.add_argument("--keep", type=Path, metavar="DIR", help="copy each gateway's last dump here")
     parser.add_argument("--gateway", action="append", metavar="NAME[:VAR=VALUE,...]", help="as in bench_proxy.py")
     args = parser.parse_args()
     if not shutil.which("valgrind") or not shutil.which("callgrind_control"):
