@@ -49,7 +49,10 @@ PRUNE_OLD = "DELETE FROM requestlog WHERE at < ?"
 PRUNE_ROWS = "DELETE FROM requestlog WHERE id <= (SELECT id FROM requestlog ORDER BY id DESC LIMIT 1 OFFSET ?)"
 
 ATTEMPT = ("backend", "model", "status", "outcome", "reason", "start_ms", "ttfb_ms", "ms", "mid_stream", "retry_after")
-"""The fields of one attempt, kept as a JSON array (a third of the cost of an object) and shown as an object."""
+"""The fields of one attempt, kept as a JSON array (a third of the cost of an object) and shown as an object.
+Its three times are kept as whole microseconds (older rows hold milliseconds, as floats) and always shown in
+milliseconds."""
+TIMES = slice(5, 8)
 MAX_LIMIT = 1000
 DEFAULT_LIMIT = 50
 _CLASS = re.compile(r"([1-5])xx")
@@ -140,7 +143,7 @@ def to_dict(row: Sequence[Any]) -> dict[str, Any]:
         "served_model": served,
         "backend": backend,
         "strategy": strategy,
-        "attempts": [dict(zip(ATTEMPT, attempt, strict=True)) for attempt in json.loads(attempts)],
+        "attempts": [_attempt(attempt) for attempt in json.loads(attempts)],
         "status": status,
         "ok": status < 400 and error is None,
         "latency_ms": latency,
@@ -155,3 +158,10 @@ def to_dict(row: Sequence[Any]) -> dict[str, Any]:
     if completion is not None:
         entry["completion"] = completion
     return entry
+
+
+def _attempt(stored: list[Any]) -> dict[str, Any]:
+    """One attempt as the API shows it: times in milliseconds (stored as whole microseconds, an int; a float
+    is an older row's milliseconds)."""
+    stored[TIMES] = [value / 1000 if isinstance(value, int) else value for value in stored[TIMES]]
+    return dict(zip(ATTEMPT, stored, strict=True))

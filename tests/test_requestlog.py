@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sqlite3
 import time
 from typing import Any
@@ -181,3 +182,33 @@ async def test_a_large_batch_is_written_whole_and_in_order(tmp_path: Any) -> Non
         async with db.execute("SELECT n, text, value FROM t ORDER BY id") as cursor:
             written = [tuple(row) for row in await cursor.fetchall()]
     assert written == [*rows, rows[0]]
+
+
+async def test_attempt_times_are_stored_in_microseconds_and_shown_in_milliseconds(
+    start_backend: StartBackend, start_gateway: StartGateway
+) -> None:
+    """Times are kept as whole microseconds (an int's JSON is a tenth of a float's cost); the API shows
+    milliseconds, for new rows and for rows an older version wrote in milliseconds."""
+    gateway = await start_gateway(await start_backend(latency=0.12), plugins={"requestlog": {}})
+    reply = await gateway.post(
+        "/v1/chat/completions",
+        {"model": "echo", "messages": [{"role": "user", "content": "slow"}]},
+        headers={"X-Request-ID": "timed-1"},
+    )
+    assert reply.status == 200
+    logged = await entry(gateway, "timed-1")
+    [attempt] = logged["attempts"]
+    assert 120 <= attempt["ms"] <= logged["latency_ms"] < 1000
+    assert 0 <= attempt["start_ms"] < logged["latency_ms"] - attempt["ms"] + 1
+    assert attempt["ttfb_ms"] is not None and 120 <= attempt["ttfb_ms"] <= attempt["ms"]
+    database = sqlite3.connect(gateway.state.config.database_path)
+    try:
+        [(stored,)] = database.execute("SELECT attempts FROM requestlog WHERE request_id = 'timed-1'").fetchall()
+        assert isinstance(json.loads(stored)[0][7], int) and json.loads(stored)[0][7] >= 120_000
+        older = '[["b0","echo",200,"ok",null,0.05,118.25,120.5,false,null]]'  # as rows were written before
+        database.execute("UPDATE requestlog SET attempts = ? WHERE request_id = 'timed-1'", (older,))
+        database.commit()
+    finally:
+        database.close()
+    [attempt] = (await entry(gateway, "timed-1"))["attempts"]
+    assert (attempt["start_ms"], attempt["ttfb_ms"], attempt["ms"]) == (0.05, 118.25, 120.5)
