@@ -10,10 +10,14 @@ when it is imported), values live in that folder's files, one per process, and a
 any process adds them up: gauges of per-process state (in flight, queue) are summed over live
 processes, a backend's status and probe time are the most recent any process saw.
 
-What requests add is counted in plain dicts first (``Tally`` for a counter, ``Spread`` for a
-histogram) and folded into prometheus-client's metrics by ``fold()``, which the ``metrics`` plugin
-calls every ``refresh_interval`` seconds, before each scrape and at shutdown: a request then costs
-a dict update per metric instead of ``labels()``, a lock per value and a loop over the buckets.
+What requests add is counted in plain Python first and folded into prometheus-client's metrics by
+``fold()``, which the ``metrics`` plugin calls every ``refresh_interval`` seconds, before each scrape
+and at shutdown. Every request adds to one ``Slot`` (a flat list of counts and sums, see ``SLOT``),
+found by one dict look-up of its label values: its count, its latency, tokens, overhead, time to first
+token and time per output token each a bucket by ``bisect``. The rare ones (refusals, failovers,
+queue waits) go to a ``Tally`` (a counter) or ``Spread`` (a histogram) of their own. A request then
+costs one look-up and a few list updates instead of ``labels()``, a lock per value and a loop over
+the buckets for each metric.
 """
 
 from __future__ import annotations
@@ -34,8 +38,32 @@ TOKEN_BUCKETS = tuple(float(4**i) for i in range(14))  # 1, 4, 16 ... 67108864, 
 OVERHEAD_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
 QUEUE_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 GEN_AI = ("gen_ai_operation_name", "gen_ai_request_model")
-COUNTED = ("requests", "tokens", "cache", "rejections", "failovers", "resumed")
-OBSERVED = ("duration", "ttft", "tpot", "token_usage", "overhead", "queue_wait")
+COUNTED = ("rejections", "failovers", "resumed")
+OBSERVED = ("queue_wait",)
+
+
+def _layout(*parts: tuple[str, int]) -> dict[str, int]:
+    """Where each histogram starts in a ``Slot``: its buckets (one past the finite bounds: +Inf), then its sum."""
+    starts, at = {}, 1  # [0] is the request count
+    for name, bounds in parts:
+        starts[name], at = at, at + bounds + 2
+    starts["size"] = at
+    return starts
+
+
+SLOT = _layout(
+    ("duration", len(DURATION_BUCKETS)),
+    ("input", len(TOKEN_BUCKETS)),
+    ("output", len(TOKEN_BUCKETS)),
+    ("overhead", len(OVERHEAD_BUCKETS)),
+    ("ttft", len(TTFT_BUCKETS)),
+    ("tpot", len(TPOT_BUCKETS)),
+)
+"""A ``Slot``'s layout: ``[0]`` requests, then per histogram its bucket counts and its sum (the tokens'
+sums are also the ``multiverse_tokens`` counter)."""
+Slot = list[Any]
+SlotKey = tuple[str, str, int, str, str, str, Any]
+"""A slot's label values: model, backend, status, route, key name, endpoint, cache result (or None)."""
 
 
 def multiprocess_dir() -> str | None:
@@ -103,6 +131,23 @@ class Spread:
                 if count:
                     bucket.inc(count)
             series._sum.inc(slot[-1])
+
+
+def _add(series: Any, slot: Slot, start: int) -> int:
+    """Add a slot's histogram (buckets from ``start``, then its sum) to a series; how many it observed."""
+    buckets = series._buckets  # prometheus-client has no public "observe n times" (see Spread.fold)
+    end = start + len(buckets)
+    observed = sum(slot[start:end])
+    if observed:
+        for bucket, count in zip(buckets, slot[start:end], strict=True):
+            if count:
+                bucket.inc(count)
+        series._sum.inc(slot[end])
+    return observed
+
+
+OPERATIONS = {"chat/completions": "chat", "completions": "text_completion", "embeddings": "embeddings"}
+"""``gen_ai.operation.name`` of an endpoint (others: the endpoint itself)."""
 
 
 class MetricSet:
@@ -235,9 +280,30 @@ class MetricSet:
 
         self.tallies = {name: Tally(getattr(self, name)) for name in COUNTED}
         self.spreads = {name: Spread(getattr(self, name)) for name in OBSERVED}
+        self.slots: dict[SlotKey, Slot] = {}
+
+    def slot(self, key: SlotKey) -> Slot:
+        """The counts of requests with these label values since the last fold (made on the first)."""
+        slot = self.slots.get(key)
+        if slot is None:
+            slot = self.slots[key] = [0] * SLOT["size"]
+        return slot
 
     def fold(self) -> None:
         """Add what requests counted since the last fold to the metrics (and so to the exposition)."""
+        slots, self.slots = self.slots, {}
+        for (model, backend, status, route, key, endpoint, cache), slot in slots.items():
+            self.requests.labels(model, backend, str(status), route, key).inc(slot[0])
+            gen_ai = (OPERATIONS.get(endpoint, endpoint), model)
+            _add(self.duration.labels(*gen_ai), slot, SLOT["duration"])
+            for kind, name in (("input", "input"), ("output", "output")):
+                if _add(self.token_usage.labels(*gen_ai, kind), slot, SLOT[name]):
+                    self.tokens.labels(model, key, kind).inc(slot[SLOT[name] + len(TOKEN_BUCKETS) + 1])
+            _add(self.overhead, slot, SLOT["overhead"])
+            _add(self.ttft.labels(*gen_ai), slot, SLOT["ttft"])
+            _add(self.tpot.labels(*gen_ai), slot, SLOT["tpot"])
+            if cache is not None:
+                self.cache.labels(str(cache)).inc(slot[0])
         for tally in self.tallies.values():
             tally.fold()
         for spread in self.spreads.values():

@@ -17,6 +17,7 @@ is open (Prometheus scrapes without a key) unless ``require_key: true``, or unse
 from __future__ import annotations
 
 import os
+from bisect import bisect_left
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -31,14 +32,26 @@ from gateway.config import ConfigError
 from gateway.identity import Identity
 from gateway.validate import positive
 from plugins._events import error_code
-from plugins._metric_set import MetricSet, multiprocess_dir
+from plugins._metric_set import (
+    DURATION_BUCKETS,
+    OVERHEAD_BUCKETS,
+    SLOT,
+    TOKEN_BUCKETS,
+    TPOT_BUCKETS,
+    TTFT_BUCKETS,
+    MetricSet,
+    multiprocess_dir,
+)
 
 if TYPE_CHECKING:
     from gateway.call import Call
     from gateway.registry import Backend
     from gateway.state import Gateway
 
-OPERATIONS = {"chat/completions": "chat", "completions": "text_completion", "embeddings": "embeddings"}
+DURATION, INPUT, OUTPUT, OVERHEAD, TTFT, TPOT = (
+    SLOT[name] for name in ("duration", "input", "output", "overhead", "ttft", "tpot")
+)
+TOKENS_SUM = len(TOKEN_BUCKETS) + 1  # a token histogram's sum, from its start
 CIRCUIT_STATES = {"closed": 0.0, "half_open": 1.0, "open": 2.0}
 OTHER = "other"
 
@@ -112,68 +125,79 @@ class Plugin:
 
     @hookimpl
     def request_complete(self, call: Call) -> None:
-        """Record one finished call; synchronous, so its latency is taken as the client's answer ends."""
+        """Record one finished call in its label values' slot (see ``_metric_set``); synchronous, so its
+        latency is taken as the client's answer ends."""
         if call.dry_run:
             return
         latency = call.latency
-        counts, spreads = self.metrics.tallies, self.metrics.spreads
         model = call.model if call.model in self.models else (OTHER if call.model else "none")
         identity = call.identity
         key = identity.name if isinstance(identity, Identity) else ("anonymous" if identity is None else OTHER)
-        backend = call.backend.name if call.backend is not None else "none"
-        counts["requests"].inc((model, backend, str(call.status), call.route or "none", key))
-        gen_ai = (OPERATIONS.get(call.endpoint, call.endpoint), model)
-        spreads["duration"].observe(gen_ai, latency)
+        backend = call.backend
         tags = call.tags
+        cache = tags.get("cache") if tags else None
+        slot = self.metrics.slot(
+            (model, "none" if backend is None else backend.name, call.status, call.route or "none", key,
+             call.endpoint, cache)
+        )  # fmt: skip
+        slot[0] += 1
+        at = DURATION
+        slot[at + bisect_left(DURATION_BUCKETS, latency)] += 1
+        slot[at + len(DURATION_BUCKETS) + 1] += latency
+        usage = call.usage
+        completion = None
+        if usage:
+            prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens")
+            if prompt.__class__ is int and prompt >= 0:
+                slot[INPUT + bisect_left(TOKEN_BUCKETS, prompt)] += 1
+                slot[INPUT + TOKENS_SUM] += prompt
+            if completion.__class__ is int and completion >= 0:
+                slot[OUTPUT + bisect_left(TOKEN_BUCKETS, completion)] += 1
+                slot[OUTPUT + TOKENS_SUM] += completion
+            else:
+                completion = None
+        if call.attempts:
+            self._attempts(call, slot, model, latency, completion)
         if tags:
-            cache = tags.get("cache")
-            if cache is not None:
-                counts["cache"].inc((str(cache),))
             wait = tags.get("queue_wait")
             if wait is not None:
-                spreads["queue_wait"].observe((model,), wait)
+                self.metrics.spreads["queue_wait"].observe((model,), wait)
         if call.status == 429 and not call.attempts:
-            counts["rejections"].inc((error_code(call) or OTHER, key))
-        usage = call.usage
-        if usage:
-            self._tokens(gen_ai, model, key, usage)
-        if call.attempts:
-            self._attempts(call, gen_ai, model, latency, usage)
+            self.metrics.tallies["rejections"].inc((error_code(call) or OTHER, key))
 
-    def _tokens(self, gen_ai: tuple[str, str], model: str, key: str, usage: dict[str, Any]) -> None:
-        token_usage, tokens = self.metrics.spreads["token_usage"], self.metrics.tallies["tokens"]
-        for field_name, kind in (("prompt_tokens", "input"), ("completion_tokens", "output")):
-            count = usage.get(field_name)
-            if isinstance(count, int) and count >= 0:
-                token_usage.observe((*gen_ai, kind), count)
-                tokens.inc((model, key, kind), count)
-
-    def _attempts(self, call: Call, gen_ai: tuple[str, str], model: str, latency: float, usage: Any) -> None:
-        counts, spreads = self.metrics.tallies, self.metrics.spreads
+    def _attempts(self, call: Call, slot: list[Any], model: str, latency: float, completion: int | None) -> None:
+        """The gateway's own time, failovers and resumed streams; for a success, time to first token and per
+        output token."""
         attempts = call.attempts
         waited = 0.0
-        previous = None
         for attempt in attempts:
             if attempt.ended is not None:
                 waited += attempt.ended - attempt.started
-            if previous is not None:
+        if len(attempts) > 1:
+            counts = self.metrics.tallies
+            for previous in attempts[:-1]:
                 counts["resumed" if previous.mid_stream else "failovers"].inc((model,))
-            previous = attempt
-        spreads["overhead"].observe((), max(0.0, latency - waited))
+        overhead = latency - waited if latency > waited else 0.0
+        slot[OVERHEAD + bisect_left(OVERHEAD_BUCKETS, overhead)] += 1
+        slot[OVERHEAD + len(OVERHEAD_BUCKETS) + 1] += overhead
         last = attempts[-1]
         if call.status != 200 or call.error is not None or last.first_byte is None or last.ended is None:
             return
         first_byte = call.first_byte_at if call.stream else None
         if first_byte is not None:
-            spreads["ttft"].observe(gen_ai, first_byte - call.started)
-        completion = usage.get("completion_tokens") if usage else None
-        if not isinstance(completion, int) or completion < 1:
+            ttft = first_byte - call.started
+            slot[TTFT + bisect_left(TTFT_BUCKETS, ttft)] += 1
+            slot[TTFT + len(TTFT_BUCKETS) + 1] += ttft
+        if completion is None or completion < 1:
             return
         if first_byte is not None:
-            if completion > 1:
-                spreads["tpot"].observe(gen_ai, (last.ended - first_byte) / (completion - 1))
+            if completion == 1:
+                return
+            tpot = (last.ended - first_byte) / (completion - 1)
         else:
-            spreads["tpot"].observe(gen_ai, (last.ended - last.started) / completion)
+            tpot = (last.ended - last.started) / completion
+        slot[TPOT + bisect_left(TPOT_BUCKETS, tpot)] += 1
+        slot[TPOT + len(TPOT_BUCKETS) + 1] += tpot
 
     # -- per backend -------------------------------------------------------------------------------
 
