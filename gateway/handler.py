@@ -9,7 +9,6 @@ can only end its stream with an error event.
 from __future__ import annotations
 
 import asyncio
-import inspect
 import json
 import logging
 from collections.abc import Awaitable, Callable
@@ -22,6 +21,7 @@ from gateway.call import Call, parse_body, request_id_of, shown
 from gateway.endpoints import MODEL_AT, MULTIPART, form_fields
 from gateway.errors import GatewayError, in_anthropic_shape
 from gateway.logs import request_line
+from gateway.plugins import awaitable
 from gateway.pump import ChunkSource, replay, sse_error
 from gateway.state import GATEWAY, Gateway
 from gateway.upstream import CLIENT_GONE, call_headers
@@ -205,16 +205,16 @@ def observe(gateway: Gateway, call: Call) -> None:
         except Exception:
             gateway.plugins.log.exception("request_complete_failed", plugin=plugin, request_id=call.request_id)
             continue
-        if result is not None and inspect.isawaitable(result):
+        if result is not None and awaitable(result):
             pending = [*(pending or []), (plugin, result)]
     if pending:
         gateway.start_task(_await_observers(gateway, call, pending), name=f"request-complete-{call.request_id}")
 
 
 async def _await_observers(gateway: Gateway, call: Call, pending: list[tuple[str, Awaitable[Any]]]) -> None:
-    for plugin, awaitable in pending:
+    for plugin, observer in pending:
         try:
-            await awaitable
+            await observer
         except Exception:
             gateway.plugins.log.exception("request_complete_failed", plugin=plugin, request_id=call.request_id)
 
@@ -237,7 +237,7 @@ def _log_line(gateway: Gateway, call: Call, failed: bool) -> None:
         "backend": call.backend.name if call.backend else None,
         "status": call.status,
         "attempts": len(call.attempts),
-        "latency_ms": round(call.latency * 1000, 2),
+        "latency_ms": int(call.latency * 1e5 + 0.5) / 100,  # not round(x, 2): ~2,700 instructions
     }
     if call.upstream_id != call.request_id:
         core["backend_request_id"] = call.upstream_id

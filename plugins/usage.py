@@ -148,7 +148,7 @@ class Plugin:
         self.pending.append(
             (time.time(), call.request_id, key_id, getattr(identity, "name", None), call.model, backend,
              call.endpoint, int(call.stream), call.status, prompt, completion, int(estimated),
-             round(call.latency * 1000, 3), seconds, int(hit), cost)
+             int(call.latency * 1e6 + 0.5) / 1000, seconds, int(hit), cost)
         )  # fmt: skip
 
     def _tokens(self, call: Call) -> tuple[int, int, bool]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import textwrap
+import types
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +15,7 @@ import structlog
 from gateway import hookspecs
 from gateway.app import create_app
 from gateway.config import ConfigError, parse
-from gateway.plugins import Plugins
+from gateway.plugins import Plugins, awaitable
 from gateway.state import GATEWAY
 from tests.conftest import StartBackend, StartGateway
 
@@ -296,3 +297,29 @@ def test_every_hook_is_implemented_by_a_tested_plugin() -> None:
     sources = "".join(p.read_text() for p in [*(ROOT / "tests").glob("test_*.py"), *(ROOT / "plugins").rglob("*.py")])
     untested = [name for name in _hook_names() if not re.search(rf"def {name}\(", sources)]
     assert not untested, f"hooks no plugin or test implements: {untested}"
+
+
+def test_awaitable_answers_as_inspect_does_for_every_kind_of_result() -> None:
+    """The hook callers' quick check: a coroutine, an object with ``__await__`` and a generator-based coroutine
+    are awaited; anything else is not, however often its type was seen before."""
+
+    class Later:
+        def __await__(self) -> Any:
+            return iter(())
+
+    async def coroutine() -> None:
+        return None
+
+    @types.coroutine
+    def old_style() -> Any:
+        yield
+
+    def plain() -> Any:
+        yield
+
+    for _ in range(2):  # the second time, the types are known
+        assert awaitable(Later()) and awaitable(old_style())
+        assert not awaitable(plain()) and not awaitable("text") and not awaitable({"a": 1}) and not awaitable(3)
+        pending = coroutine()
+        assert awaitable(pending)
+        pending.close()
