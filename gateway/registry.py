@@ -111,6 +111,9 @@ class Registry:
                 setattr(backend, name, getattr(conf, name))
             self.backends[backend.id] = backend
         self._by_model: dict[str, tuple[Backend, ...]] = {}
+        self.any_limited = False
+        """Whether any backend declares a ``max_concurrency`` (kept with the index): with none, slot-keeping
+        plugins (ratelimit's fair queue) have nothing to do for a request."""
         self.on_change: Callable[[Backend, str, str | None], None] | None = None
         """Told of every registration, update, removal and status change (the gateway's event hook)."""
         self._watcher: asyncio.Task[None] | None = None
@@ -213,6 +216,7 @@ class Registry:
                 for model in backend.models:
                     index.setdefault(model, []).append(backend)
         self._by_model = {model: tuple(backends) for model, backends in index.items()}
+        self.any_limited = any(b.max_concurrency is not None for b in self.backends.values())
 
     # -- other processes' writes ------------------------------------------------
 

@@ -217,6 +217,8 @@ class Plugin:
         if not self.options.fair_queue:
             return None
         if not self.queue.count:  # nobody waits: no turn to take
+            if not call.gateway.registry.any_limited:  # no backend has a slot to keep
+                return None
             free, ticket.held = self._reserve(call.model)
             if free:
                 return None
@@ -293,7 +295,7 @@ class Plugin:
     @hookimpl(trylast=True)
     def filter_candidates(self, call: Call, candidates: list[Backend]) -> list[Backend] | None:
         """Hand the reserved slot to routing; route no call to a backend already at its max_concurrency."""
-        if not self.options.fair_queue:
+        if not self.options.fair_queue or not call.gateway.registry.any_limited:
             return None
         ticket: Ticket | None = call.state.get("ratelimit")
         reserved = ticket.held if ticket is not None else None

@@ -11,7 +11,7 @@ import pytest
 
 from bench.bench_fairness import MODEL, serial_backend, waits_of_the_quiet_key
 from plugins.fair_share import FairQueue, Waiter
-from tests.conftest import RunningGateway, StartGateway, eventually
+from tests.conftest import ADMIN, RunningGateway, StartGateway, eventually
 
 SERVICE = 0.05
 
@@ -170,3 +170,21 @@ async def test_a_request_queued_by_a_client_that_hung_up_frees_its_place_for_the
     status, _, _ = await asyncio.wait_for(_post(gateway.url, "next"), timeout=5)
     assert status == 200 and len(plugin.queue) == 0
     await eventually(lambda: sum(plugin.held.values()) == 0 and one_slot.in_flight == 0)
+
+
+async def test_a_backend_registered_with_max_concurrency_after_start_up_is_queued_for(
+    aiohttp_server: Any, start_gateway: StartGateway
+) -> None:
+    """Slots are kept for backends that declare a limit, whenever they arrive: a gateway that started with no
+    limited backend (and so had no slot to keep per request) queues for one registered later."""
+    backend = await aiohttp_server(serial_backend(SERVICE))
+    gateway = await start_gateway(
+        backends=[], plugins={"tests.keys_plugin": None, "ratelimit": {"max_queue_wait": 0.02}}
+    )
+    assert not gateway.state.registry.any_limited
+    registration = {"endpoint_url": str(backend.make_url("")).rstrip("/"), "model_name": MODEL, "max_concurrency": 1}
+    reply = await gateway.post("/admin/register", registration, headers=ADMIN)
+    assert reply.status == 201, reply.body
+    results = await asyncio.gather(*[_post(gateway.url, "dan") for _ in range(3)])
+    assert [body["error"]["code"] for status, body, _ in results if status == 429] != []
+    assert all(body["error"]["code"] == "queue_timeout" for status, body, _ in results if status == 429)
