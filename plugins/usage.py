@@ -129,8 +129,17 @@ class Plugin:
         if call.dry_run or not call.model:
             return  # refused before its body was read: no model to account it to
         hit = call.tags.get("cache") == "hit"
-        prompt, completion, estimated = self._tokens(call)
-        seconds = 0.0 if hit else _backend_seconds(call)
+        usage = call.usage
+        prompt, completion = (usage.get("prompt_tokens"), usage.get("completion_tokens")) if usage else (None, None)
+        if prompt.__class__ is int and (completion.__class__ is int or call.endpoint == "embeddings"):
+            completion, estimated = completion or 0, False  # the backend's usage: the usual case, inline
+        else:
+            prompt, completion, estimated = self._tokens(call)
+        seconds = 0.0
+        if not hit:  # time backends spent answering: every attempt that got as far as a first byte
+            for a in call.attempts:  # a loop, not sum() over a generator: this runs for every request
+                if a.first_byte is not None and a.ended is not None:
+                    seconds += a.ended - a.started
         profile = call.gateway.config.models.get(call.model)
         cost = 0.0
         if profile is not None and not hit:
@@ -215,15 +224,6 @@ async def _require_admin(request: web.Request, gateway: Gateway) -> None:
     raise GatewayError(
         401, "send the admin key as 'X-API-Key: <key>' or 'Authorization: Bearer <key>'", code="invalid_admin_key"
     )
-
-
-def _backend_seconds(call: Call) -> float:
-    """Time backends spent answering this call: every attempt that got as far as a first byte."""
-    seconds = 0.0
-    for a in call.attempts:  # a loop, not sum() over a generator: this runs for every request
-        if a.first_byte is not None and a.ended is not None:
-            seconds += a.ended - a.started
-    return seconds
 
 
 def strip_usage_events(chunk: bytes) -> bytes:
