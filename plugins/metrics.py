@@ -141,9 +141,8 @@ class Plugin:
              call.endpoint, cache)
         )  # fmt: skip
         slot[0] += 1
-        at = DURATION
-        slot[at + bisect_left(DURATION_BUCKETS, latency)] += 1
-        slot[at + len(DURATION_BUCKETS) + 1] += latency
+        slot[DURATION + bisect_left(DURATION_BUCKETS, latency)] += 1
+        slot[DURATION + len(DURATION_BUCKETS) + 1] += latency
         usage = call.usage
         completion = None
         if usage:
