@@ -17,7 +17,7 @@ from typing import Any
 from aiohttp import web
 
 from gateway import relay
-from gateway.call import Call, parse_body, request_id_of, shown
+from gateway.call import Call, ms, parse_body, request_id_of, shown
 from gateway.endpoints import MODEL_AT, MULTIPART, form_fields
 from gateway.errors import GatewayError, in_anthropic_shape
 from gateway.logs import request_line
@@ -237,7 +237,7 @@ def _log_line(gateway: Gateway, call: Call, failed: bool) -> None:
         "backend": call.backend.name if call.backend else None,
         "status": call.status,
         "attempts": len(call.attempts),
-        "latency_ms": int(call.latency * 1e5 + 0.5) / 100,  # not round(x, 2): ~2,700 instructions
+        "latency_ms": ms(call.latency),
     }
     if call.upstream_id != call.request_id:
         core["backend_request_id"] = call.upstream_id

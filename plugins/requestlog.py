@@ -22,7 +22,7 @@ from aiohttp import web
 
 from gateway import hookimpl
 from gateway.admin_auth import allow
-from gateway.call import Attempt, Call
+from gateway.call import Attempt, Call, ms
 from gateway.errors import GatewayError
 from gateway.identity import Identity
 from gateway.state import Gateway
@@ -118,12 +118,11 @@ class Plugin:
         content = None
         if self.options.store_content:  # made into the prompt and completion columns in flush
             content = (call.json, call.state.get("requestlog.chunks"), getattr(call.response, "body", None))
-        # milliseconds by arithmetic: round(x, 2) formats and parses a decimal string (~2,700 instructions)
         self.pending.append(
             (time.time() - latency, call.request_id, getattr(call.identity, "name", None), call.request.remote,
              call.endpoint, int(call.stream), call.requested_model, call.model if backend else None,
-             backend.name if backend else None, call.route or None, call.status, int(latency * 1e5 + 0.5) / 100,
-             None if first_byte is None else int((first_byte - started) * 1e5 + 0.5) / 100, prompt, completion,
+             backend.name if backend else None, call.route or None, call.status, ms(latency),
+             None if first_byte is None else ms(first_byte - started), prompt, completion,
              cache if cache is None or isinstance(cache, str) else str(cache), call.error, content,
              tuple([story(attempt, started) for attempt in call.attempts]))
         )  # fmt: skip

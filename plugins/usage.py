@@ -24,7 +24,7 @@ from typing import Any, Literal
 from aiohttp import web
 
 from gateway import hookimpl
-from gateway.call import Call
+from gateway.call import Call, ms
 from gateway.errors import GatewayError
 from gateway.pump import Recorder
 from gateway.state import GATEWAY, Gateway
@@ -131,10 +131,10 @@ class Plugin:
         hit = call.tags.get("cache") == "hit"
         usage = call.usage
         prompt, completion = (usage.get("prompt_tokens"), usage.get("completion_tokens")) if usage else (None, None)
-        if prompt.__class__ is int and (completion.__class__ is int or call.endpoint == "embeddings"):
+        if isinstance(prompt, int) and (isinstance(completion, int) or call.endpoint == "embeddings"):
             completion, estimated = completion or 0, False  # the backend's usage: the usual case, inline
         else:
-            prompt, completion, estimated = self._tokens(call)
+            prompt, completion, estimated = self._counted(call)
         seconds = 0.0
         if not hit:  # time backends spent answering: every attempt that got as far as a first byte
             for a in call.attempts:  # a loop, not sum() over a generator: this runs for every request
@@ -157,15 +157,11 @@ class Plugin:
         self.pending.append(
             (time.time(), call.request_id, key_id, getattr(identity, "name", None), call.model, backend,
              call.endpoint, int(call.stream), call.status, prompt, completion, int(estimated),
-             int(call.latency * 1e6 + 0.5) / 1000, seconds, int(hit), cost)
+             ms(call.latency, 3), seconds, int(hit), cost)
         )  # fmt: skip
 
-    def _tokens(self, call: Call) -> tuple[int, int, bool]:
-        """(prompt, completion, estimated): the backend's ``usage``, else counted from the text."""
-        usage = call.usage or {}
-        prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens")
-        if isinstance(prompt, int) and (isinstance(completion, int) or call.endpoint == "embeddings"):
-            return prompt, completion or 0, False
+    def _counted(self, call: Call) -> tuple[int, int, bool]:
+        """(prompt, completion, estimated) for a call whose backend reported no usage: counted from the text."""
         if call.status != 200:
             return 0, 0, False
         if call.stream:
