@@ -37,17 +37,27 @@ def statement(table: str, columns: tuple[str, ...], rows: int) -> str:
 
 
 async def insert(db: aiosqlite.Connection, table: str, columns: tuple[str, ...], rows: Sequence[Sequence[Any]]) -> None:
-    """Insert ``rows`` (each a value per column) in statements of a power of two rows, so that the
-    statements are few, and the same from batch to batch (sqlite3 caches them prepared)."""
-    most = max(1, min(MOST_ROWS, MOST_PARAMETERS // len(columns)))
+    """Insert ``rows`` (each a value per column); see ``insert_flat``."""
+    await insert_flat(db, table, columns, list(chain.from_iterable(rows)))  # one flat list, made in C
+
+
+async def insert_flat(db: aiosqlite.Connection, table: str, columns: tuple[str, ...], values: list[Any]) -> None:
+    """Insert rows given as one flat list (the first row's values, then the second's...: a queue that
+    ``extend``s it needs no tuple a row) in statements of a power of two rows, so that the statements
+    are few, and the same from batch to batch (sqlite3 caches them prepared)."""
+    width = len(columns)
+    if len(values) % width:
+        raise ValueError(f"{len(values)} values do not make rows of {width} columns")
+    rows = len(values) // width
+    most = max(1, min(MOST_ROWS, MOST_PARAMETERS // width))
     done = 0
-    while done < len(rows):
-        count = min(most, 1 << ((len(rows) - done).bit_length() - 1))
-        values = list(chain.from_iterable(rows[done : done + count]))  # one flat list, made in C
+    while done < rows:
+        count = min(most, 1 << ((rows - done).bit_length() - 1))
+        part = values if count == rows else values[done * width : (done + count) * width]
         try:
-            await db.execute(statement(table, columns, count), values)
+            await db.execute(statement(table, columns, count), part)
         except UnicodeEncodeError:  # text with a lone surrogate (from a backend's JSON, say): never lose the batch
-            await db.execute(statement(table, columns, count), [_storable(value) for value in values])
+            await db.execute(statement(table, columns, count), [_storable(value) for value in part])
         done += count
 
 

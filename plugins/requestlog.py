@@ -22,7 +22,7 @@ from aiohttp import web
 
 from gateway import hookimpl
 from gateway.admin_auth import allow
-from gateway.call import Attempt, Call, ms
+from gateway.call import Attempt, Call
 from gateway.errors import GatewayError
 from gateway.identity import Identity
 from gateway.state import Gateway
@@ -55,11 +55,11 @@ class Options:
     )
 
 
-LAST = ("prompt", "completion", "attempts")  # made in flush, from the queue's content and attempts
-QUEUED = (*(name for name in q.COLUMN_NAMES if name not in LAST), *LAST)
-"""The columns in the order ``request_complete`` queues them (and the INSERT names them)."""
-WITHOUT_CONTENT = tuple(name for name in QUEUED if name not in ("prompt", "completion"))
-"""The INSERT's columns without ``store_content``: two NULLs fewer to bind a row (each is a call)."""
+WITHOUT_CONTENT = (*q.FILTERED, "detail")
+"""The INSERT's columns without ``store_content``: no prompt and completion to bind as NULLs."""
+WIDTH = len(WITHOUT_CONTENT)
+"""Values ``request_complete`` queues a request (the FILTERED columns, then the detail), one more with
+``store_content`` (what ``_content`` makes the prompt and completion from)."""
 _json = _json_text.encoder()
 RAW_PER_CHAR = 64
 """Raw stream bytes kept per character of text: an SSE event carries a token or two in ~200 bytes."""
@@ -68,7 +68,7 @@ RAW_PER_CHAR = 64
 class Plugin:
     def __init__(self, options: Options | None = None) -> None:
         self.options = options or Options()
-        self.pending: list[tuple[Any, ...]] = []
+        self.pending: list[Any] = []  # flat: WIDTH values a request (one more with store_content)
         self.gateway: Gateway | None = None
 
     @hookimpl
@@ -99,9 +99,9 @@ class Plugin:
 
     @hookimpl
     def request_complete(self, call: Call) -> None:
-        """Queue what happened, as a tuple of plain values (no reference to the call's objects, and a tuple
-        of such values the garbage collector stops tracking, so a long queue costs its collections
-        nothing); the attempts' JSON, any content and the SQL write happen in ``flush``."""
+        """Queue what happened as plain values (no reference to the call's objects), flat, in the order of
+        the INSERT's columns (``WITHOUT_CONTENT``); the detail's JSON, any content and the SQL write happen
+        in ``flush``."""
         if call.dry_run:
             return
         latency = call.latency
@@ -115,33 +115,52 @@ class Plugin:
         cache = call.tags.get("cache")
         started = call.started
         first_byte = call.first_byte_at
-        content = None
-        if self.options.store_content:  # made into the prompt and completion columns in flush
-            content = (call.json, call.state.get("requestlog.chunks"), getattr(call.response, "body", None))
-        self.pending.append(
-            (time.time() - latency, call.request_id, getattr(call.identity, "name", None), call.request.remote,
-             call.endpoint, int(call.stream), call.requested_model, call.model if backend else None,
-             backend.name if backend else None, call.route or None, call.status, ms(latency),
-             None if first_byte is None else ms(first_byte - started), prompt, completion,
-             cache if cache is None or isinstance(cache, str) else str(cache), call.error, content,
-             tuple([story(attempt, started) for attempt in call.attempts]))
+        attempts = call.attempts
+        if len(attempts) == 1 and _usual(attempts[0], call):  # the row tells the rest: its three times only
+            only = attempts[0]
+            at, first, ended = only.started, only.first_byte, only.ended
+            stories: tuple[Any, ...] = (
+                int((at - started) * 1e6), None if first is None else int((first - at) * 1e6),
+                None if ended is None else int((ended - at) * 1e6),
+            )  # fmt: skip
+        else:
+            stories = tuple([story(attempt, started) for attempt in attempts])
+        detail = (
+            call.request.remote,
+            call.endpoint,
+            call.stream,
+            call.route or None,
+            int(latency * 1e6),
+            None if first_byte is None else int((first_byte - started) * 1e6),
+            prompt,
+            completion,
+            cache if cache is None or isinstance(cache, str) else str(cache),
+            stories,
+        )  # q.DETAIL, in order
+        self.pending += (
+            time.time() - latency, call.request_id, getattr(call.identity, "name", None), call.requested_model,
+            call.model if backend else None, backend.name if backend else None, call.status, call.error, detail,
         )  # fmt: skip
+        if self.options.store_content:  # made into the prompt and completion columns in flush
+            self.pending.append((call.json, call.state.get("requestlog.chunks"), getattr(call.response, "body", None)))
 
     async def flush(self) -> None:
         """Write the queued requests in one transaction."""
         if not self.pending or self.gateway is None:
             return
-        queued, self.pending = self.pending, []
-        rows = []
-        if self.options.store_content:
-            for entry in queued:  # each already in QUEUED order but for its last two values
-                content = entry[-2]
-                prompt, completion = (None, None) if content is None else self._content(*content)
-                rows.append((*entry[:-2], prompt, completion, _json(entry[-1])))
-        else:
-            rows = [(*entry[:-2], _json(entry[-1])) for entry in queued]
+        values, self.pending = self.pending, []
         db = self.gateway.registry.db
-        await bulk_insert.insert(db, "requestlog", QUEUED if self.options.store_content else WITHOUT_CONTENT, rows)
+        if self.options.store_content:
+            rows = []
+            for at in range(0, len(values), WIDTH + 1):
+                entry = values[at : at + WIDTH + 1]
+                content = entry[WIDTH]
+                prompt, completion = (None, None) if content is None else self._content(*content)
+                rows.append((*entry[: WIDTH - 1], _json(entry[WIDTH - 1]), prompt, completion))
+            await bulk_insert.insert(db, "requestlog", q.COLUMN_NAMES, rows)
+        else:  # every WIDTH-th value is a detail: its JSON in its place, in C
+            values[WIDTH - 1 :: WIDTH] = list(map(_json, values[WIDTH - 1 :: WIDTH]))
+            await bulk_insert.insert_flat(db, "requestlog", WITHOUT_CONTENT, values)
         await db.commit()
 
     def _content(self, body: dict[str, Any], chunks: list[bytes] | None, answer: Any) -> tuple[str, str | None]:
@@ -214,6 +233,15 @@ class Plugin:
 
 
 Story = tuple[Any, ...]
+
+
+def _usual(attempt: Attempt, call: Call) -> bool:
+    """The one attempt of a call it answered, as most are: the row's backend, model and status, nothing else to tell."""
+    return (
+        attempt.outcome == "ok" and attempt.backend is call.backend and attempt.model == call.model
+        and attempt.status == call.status and attempt.reason is None and attempt.retry_after is None
+        and not attempt.mid_stream
+    )  # fmt: skip
 
 
 def story(attempt: Attempt, started: float) -> Story:

@@ -10,7 +10,9 @@ from typing import Any
 import aiosqlite
 import pytest
 
+from gateway import migrations
 from plugins import _bulk_insert
+from plugins import _requestlog_query as q
 from tests.conftest import ADMIN, RunningGateway, StartBackend, StartGateway
 
 ROLES = "tests.role_identity"
@@ -178,10 +180,13 @@ async def test_a_large_batch_is_written_whole_and_in_order(tmp_path: Any) -> Non
         await db.execute("CREATE TABLE t (id INTEGER PRIMARY KEY, n INTEGER, text TEXT, value REAL)")
         await _bulk_insert.insert(db, "t", columns, rows)
         await _bulk_insert.insert(db, "t", columns, rows[:1])
+        await _bulk_insert.insert_flat(db, "t", columns, [*rows[1], *rows[2]])  # as a queue extends it
+        with pytest.raises(ValueError, match="do not make rows of 3 columns"):
+            await _bulk_insert.insert_flat(db, "t", columns, [1, "one"])
         await db.commit()
         async with db.execute("SELECT n, text, value FROM t ORDER BY id") as cursor:
             written = [tuple(row) for row in await cursor.fetchall()]
-    assert written == [*rows, rows[0]]
+    assert written == [*rows, rows[0], rows[1], rows[2]]
 
 
 async def test_attempt_times_are_stored_in_microseconds_and_shown_in_milliseconds(
@@ -198,17 +203,66 @@ async def test_attempt_times_are_stored_in_microseconds_and_shown_in_millisecond
     assert reply.status == 200
     logged = await entry(gateway, "timed-1")
     [attempt] = logged["attempts"]
+    told = ("backend", "model", "status", "outcome", "reason", "mid_stream", "retry_after")
+    assert {k: attempt[k] for k in told} == {
+        "backend": "b0", "model": "echo", "status": 200, "outcome": "ok", "reason": None, "mid_stream": False,
+        "retry_after": None,
+    }  # fmt: skip
     assert 120 <= attempt["ms"] <= logged["latency_ms"] < 1000
     assert 0 <= attempt["start_ms"] < logged["latency_ms"] - attempt["ms"] + 1
     assert attempt["ttfb_ms"] is not None and 120 <= attempt["ttfb_ms"] <= attempt["ms"]
     database = sqlite3.connect(gateway.state.config.database_path)
     try:
-        [(stored,)] = database.execute("SELECT attempts FROM requestlog WHERE request_id = 'timed-1'").fetchall()
-        assert isinstance(json.loads(stored)[0][7], int) and json.loads(stored)[0][7] >= 120_000
-        older = '[["b0","echo",200,"ok",null,0.05,118.25,120.5,false,null]]'  # as rows were written before
-        database.execute("UPDATE requestlog SET attempts = ? WHERE request_id = 'timed-1'", (older,))
+        [(stored,)] = database.execute("SELECT detail FROM requestlog WHERE request_id = 'timed-1'").fetchall()
+        latency, attempts = json.loads(stored)[4], json.loads(stored)[9]
+        assert isinstance(latency, int) and latency >= 120_000
+        assert len(attempts) == 3 and isinstance(attempts[2], int) and attempts[2] >= 120_000  # the usual: times only
+        older = (
+            '["127.0.0.1","chat/completions",0,"round_robin",121.5,null,1,1,null,'
+            '[["b0","echo",200,"ok",null,0.05,118.25,120.5,false,null]]]'
+        )  # as an older version's row is migrated
+        database.execute("UPDATE requestlog SET detail = ? WHERE request_id = 'timed-1'", (older,))
         database.commit()
     finally:
         database.close()
-    [attempt] = (await entry(gateway, "timed-1"))["attempts"]
+    logged = await entry(gateway, "timed-1")
+    [attempt] = logged["attempts"]
     assert (attempt["start_ms"], attempt["ttfb_ms"], attempt["ms"]) == (0.05, 118.25, 120.5)
+    assert (logged["latency_ms"], logged["ttft_ms"], logged["stream"]) == (121.5, None, False)
+
+
+async def test_rows_written_before_the_detail_column_are_kept_and_shown_alike(tmp_path: Any) -> None:
+    """Schema step 2 packs the columns no filter reads into ``detail``: a row the older layout wrote reads back
+    as it did (times in milliseconds, attempts whole, content kept), and filters still find it."""
+    path = tmp_path / "old.db"
+    async with aiosqlite.connect(path) as db:
+        await migrations.migrate(db, path, "requestlog", q.SCHEMA[:1])
+        await db.execute(
+            "INSERT INTO requestlog (at, request_id, key_name, client, endpoint, stream, model, served_model, backend,"
+            " strategy, attempts, status, latency_ms, ttft_ms, prompt_tokens, completion_tokens, cache, error, prompt,"
+            " completion) VALUES (1700000000.5, 'old-1', 'alice', '10.0.0.7', 'chat/completions', 1, 'echo', 'echo-2',"
+            " 'b1', 'round_robin', ?, 502, 250.0, 12.25, 7, 3, 'miss', 'broke mid-stream', '[\"hi\"]', 'hello')",
+            (
+                '[["b0","echo",503,"http_error","503 from b0",0.01,null,4.5,false,2.0],'
+                '["b1","echo-2",200,"stalled",null,5.0,12.25,249.5,true,null]]',
+            ),
+        )
+        await db.commit()
+        assert await migrations.migrate(db, path, "requestlog", q.SCHEMA) == 2
+        sql, params, _ = q.query({"model": "echo-2", "status": "5xx", "key": "alice", "since": "100000d"})
+        async with db.execute(sql, params) as cursor:
+            [row] = await cursor.fetchall()
+    shown = q.to_dict(tuple(row))
+    assert {k: v for k, v in shown.items() if k != "attempts"} == {
+        "id": 1, "at": 1700000000.5, "request_id": "old-1", "key": "alice", "client": "10.0.0.7",
+        "endpoint": "chat/completions", "stream": True, "model": "echo", "served_model": "echo-2", "backend": "b1",
+        "strategy": "round_robin", "status": 502, "ok": False, "latency_ms": 250.0, "ttft_ms": 12.25,
+        "prompt_tokens": 7, "completion_tokens": 3, "cache": "miss", "error": "broke mid-stream",
+        "prompt": ["hi"], "completion": "hello",
+    }  # fmt: skip
+    assert shown["attempts"] == [
+        {"backend": "b0", "model": "echo", "status": 503, "outcome": "http_error", "reason": "503 from b0",
+         "start_ms": 0.01, "ttfb_ms": None, "ms": 4.5, "mid_stream": False, "retry_after": 2.0},
+        {"backend": "b1", "model": "echo-2", "status": 200, "outcome": "stalled", "reason": None,
+         "start_ms": 5.0, "ttfb_ms": 12.25, "ms": 249.5, "mid_stream": True, "retry_after": None},
+    ]  # fmt: skip
