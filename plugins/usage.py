@@ -54,7 +54,7 @@ class Plugin:
     def __init__(self, options: Options | None = None) -> None:
         self.options = options or Options()
         self.spent: dict[str, float] = {}
-        self.pending: list[tuple[Any, ...]] = []
+        self.pending: list[Any] = []  # flat: the values of _usage_report.COLUMNS, request after request
         self.unshared: dict[str, float] = {}  # spend not yet added to the shared store, by key id
         self.count_tokens: _tokens.Counter = _tokens.heuristic
         self.tokenizer = "heuristic"
@@ -91,9 +91,9 @@ class Plugin:
             await self._share_spend(self.gateway)
         if not self.pending:
             return
-        rows, self.pending = self.pending, []
+        values, self.pending = self.pending, []
         db = self.gateway.registry.db
-        await _bulk_insert.insert(db, "usage_requests", _usage_report.COLUMNS, rows)
+        await _bulk_insert.insert_flat(db, "usage_requests", _usage_report.COLUMNS, values)
         await db.commit()
 
     async def _share_spend(self, gateway: Gateway) -> None:
@@ -154,10 +154,10 @@ class Plugin:
             self.spent[key_id] = self.spent.get(key_id, 0.0) + cost
             self.unshared[key_id] = self.unshared.get(key_id, 0.0) + cost
         backend = call.backend.name if call.backend is not None else None
-        self.pending.append(
-            (time.time(), call.request_id, key_id, getattr(identity, "name", None), call.model, backend,
-             call.endpoint, int(call.stream), call.status, prompt, completion, int(estimated),
-             ms(call.latency, 3), seconds, int(hit), cost)
+        self.pending += (
+            time.time(), call.request_id, key_id, getattr(identity, "name", None), call.model, backend,
+            call.endpoint, int(call.stream), call.status, prompt, completion, int(estimated),
+            ms(call.latency, 3), seconds, int(hit), cost,
         )  # fmt: skip
 
     def _counted(self, call: Call) -> tuple[int, int, bool]:
