@@ -52,6 +52,13 @@ DURATION, INPUT, OUTPUT, OVERHEAD, TTFT, TPOT = (
     SLOT[name] for name in ("duration", "input", "output", "overhead", "ttft", "tpot")
 )
 TOKENS_SUM = len(TOKEN_BUCKETS) + 1  # a token histogram's sum, from its start
+DURATION_SUM, OVERHEAD_SUM, TTFT_SUM, TPOT_SUM = (
+    start + len(buckets) + 1
+    for start, buckets in (
+        (DURATION, DURATION_BUCKETS), (OVERHEAD, OVERHEAD_BUCKETS), (TTFT, TTFT_BUCKETS), (TPOT, TPOT_BUCKETS)
+    )
+)  # fmt: skip
+"""Where each histogram's sum is in a slot: worked out once, not on every request."""
 CIRCUIT_STATES = {"closed": 0.0, "half_open": 1.0, "open": 2.0}
 OTHER = "other"
 
@@ -136,13 +143,14 @@ class Plugin:
         backend = call.backend
         tags = call.tags
         cache = tags.get("cache") if tags else None
-        slot = self.metrics.slot(
-            (model, "none" if backend is None else backend.name, call.status, call.route or "none", key,
-             call.endpoint, cache)
+        labels = (
+            model, "none" if backend is None else backend.name, call.status, call.route or "none", key,
+            call.endpoint, cache,
         )  # fmt: skip
+        slot = self.metrics.slots.get(labels) or self.metrics.slot(labels)  # made on the label set's first request
         slot[0] += 1
         slot[DURATION + bisect_left(DURATION_BUCKETS, latency)] += 1
-        slot[DURATION + len(DURATION_BUCKETS) + 1] += latency
+        slot[DURATION_SUM] += latency
         usage = call.usage
         completion = None
         if usage:
@@ -168,25 +176,27 @@ class Plugin:
         """The gateway's own time, failovers and resumed streams; for a success, time to first token and per
         output token."""
         attempts = call.attempts
-        waited = 0.0
-        for attempt in attempts:
-            if attempt.ended is not None:
-                waited += attempt.ended - attempt.started
-        if len(attempts) > 1:
+        last = attempts[-1]
+        if len(attempts) == 1:  # the usual case, without a loop
+            waited = 0.0 if last.ended is None else last.ended - last.started
+        else:
+            waited = 0.0
+            for attempt in attempts:
+                if attempt.ended is not None:
+                    waited += attempt.ended - attempt.started
             counts = self.metrics.tallies
             for previous in attempts[:-1]:
                 counts["resumed" if previous.mid_stream else "failovers"].inc((model,))
         overhead = latency - waited if latency > waited else 0.0
         slot[OVERHEAD + bisect_left(OVERHEAD_BUCKETS, overhead)] += 1
-        slot[OVERHEAD + len(OVERHEAD_BUCKETS) + 1] += overhead
-        last = attempts[-1]
+        slot[OVERHEAD_SUM] += overhead
         if call.status != 200 or call.error is not None or last.first_byte is None or last.ended is None:
             return
         first_byte = call.first_byte_at if call.stream else None
         if first_byte is not None:
             ttft = first_byte - call.started
             slot[TTFT + bisect_left(TTFT_BUCKETS, ttft)] += 1
-            slot[TTFT + len(TTFT_BUCKETS) + 1] += ttft
+            slot[TTFT_SUM] += ttft
         if completion is None or completion < 1:
             return
         if first_byte is not None:
@@ -196,7 +206,7 @@ class Plugin:
         else:
             tpot = (last.ended - last.started) / completion
         slot[TPOT + bisect_left(TPOT_BUCKETS, tpot)] += 1
-        slot[TPOT + len(TPOT_BUCKETS) + 1] += tpot
+        slot[TPOT_SUM] += tpot
 
     # -- per backend -------------------------------------------------------------------------------
 

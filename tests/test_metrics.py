@@ -65,6 +65,7 @@ async def test_failover_cache_tokens_timings_and_bounded_labels(
     assert value(families, "gen_ai_server_request_duration_seconds_count", **chat) == 5
     assert value(families, "gen_ai_server_time_to_first_token_seconds_count", **chat) == 1
     assert value(families, "gen_ai_server_time_per_output_token_seconds_count", **chat) >= 3
+    assert 0 < value(families, "gen_ai_server_time_per_output_token_seconds_sum", **chat) < 5
     assert value(families, "gen_ai_client_token_usage_count", gen_ai_token_type="input", **chat) == 5
     assert value(families, "gen_ai_client_token_usage_sum", gen_ai_token_type="output", **chat) >= 5
     assert value(families, "multiverse_tokens_total", model="echo", key="anonymous", type="output") >= 5
