@@ -8,7 +8,8 @@ the gateway's own added time. Per backend (refreshed every ``refresh_interval`` 
 and at each scrape): in flight, queue, status, circuit state and the last probe's time.
 
 Label values are bounded: a model is its own label only if a backend serves it (or it is a
-routing group), else ``other``; a key's name comes only from an ``Identity``. Each gateway
+routing group), else ``other`` (a model registered through another process sharing the database
+is learned at the next refresh); a key's name comes only from an ``Identity``. Each gateway
 has its own registry; see ``plugins/_metric_set.py`` for multiprocess mode. ``/metrics``
 is open (Prometheus scrapes without a key) unless ``require_key: true``, or unset with an
 ``authenticate`` plugin (auth) enabled: its labels name keys and backends.
@@ -216,6 +217,7 @@ class Plugin:
         gateway = self.gateway
         if gateway is None:
             return
+        self._known_models(gateway)  # another process's registrations reach this one's registry by reload, unannounced
         m = self.metrics
         for gauge in (m.in_flight, m.queue, m.up, m.status, m.circuit, m.probe):
             gauge.clear()

@@ -161,3 +161,22 @@ async def test_metrics_are_open_by_default_and_can_demand_the_admin_key(
     async with aiohttp.ClientSession() as session, session.get(with_keys.url + "/metrics") as response:
         assert response.status == 401
     assert "multiverse_backend_up" in await scrape(with_keys, headers=ADMIN)
+
+
+async def test_a_model_registered_through_another_gateway_gets_its_own_label(
+    start_backend: StartBackend, start_gateway: StartGateway
+) -> None:
+    """Workers share one database: a registration made through one reaches the other by reload, which
+    announces nothing; its metrics still learn the model (at the next refresh), not count it as 'other'."""
+    backend = await start_backend(models=["late-model"])
+    plugins = {"metrics": {"refresh_interval": 0.2}}
+    first, second = await start_gateway(backends=[], plugins=plugins), await start_gateway(backends=[], plugins=plugins)
+    reply = await first.post("/admin/register", {"endpoint_url": backend.url}, headers=ADMIN)
+    assert reply.status == 201
+    await eventually(lambda: bool(second.state.registry.for_model("late-model")), timeout=2)
+    metrics = second.state.plugins.pm.get_plugin("metrics")
+    await eventually(lambda: "late-model" in metrics.models, timeout=2)
+    assert (await second.chat("hi", model="late-model")).status == 200
+    families = await scrape(second)
+    assert value(families, "multiverse_requests_total", model="late-model", status="200") == 1
+    assert "other" not in label_values(families, "multiverse_requests", "model")
