@@ -38,7 +38,10 @@ SCHEMA = [
     CREATE INDEX requestlog_request_id ON requestlog (request_id)
     """,
     # 2: the columns no filter reads go into one JSON array, ``detail`` (see DETAIL): a row binds 9 values
-    # instead of 18, and binding (with the GIL held, on aiosqlite's thread) was half a row's cost.
+    # instead of 18, and binding (with the GIL held, on aiosqlite's thread) was half a row's cost. The old
+    # attempts text is appended as it is, never parsed: Python wrote a Retry-After of inf as ``Infinity``,
+    # which SQLite's JSON functions refuse (json() would stop the migration, and the gateway's start).
+    # ``cache`` (text or NULL) ends json_array, so rtrim takes only its closing bracket.
     """
     CREATE TABLE requestlog_packed (
         id INTEGER PRIMARY KEY,
@@ -56,8 +59,8 @@ SCHEMA = [
     );
     INSERT INTO requestlog_packed
         SELECT id, at, request_id, key_name, model, served_model, backend, status, error,
-               json_array(client, endpoint, stream, strategy, latency_ms, ttft_ms, prompt_tokens,
-                          completion_tokens, cache, json(attempts)),
+               rtrim(json_array(client, endpoint, stream, strategy, latency_ms, ttft_ms, prompt_tokens,
+                                completion_tokens, cache), ']') || ',' || attempts || ']',
                prompt, completion
         FROM requestlog;
     DROP TABLE requestlog;

@@ -137,12 +137,13 @@ class Plugin:
             cache if cache is None or isinstance(cache, str) else str(cache),
             stories,
         )  # q.DETAIL, in order
-        self.pending += (
+        row = (
             time.time() - latency, call.request_id, getattr(call.identity, "name", None), call.requested_model,
             call.model if backend else None, backend.name if backend else None, call.status, call.error, detail,
         )  # fmt: skip
         if self.options.store_content:  # made into the prompt and completion columns in flush
-            self.pending.append((call.json, call.state.get("requestlog.chunks"), getattr(call.response, "body", None)))
+            row += ((call.json, call.state.get("requestlog.chunks"), getattr(call.response, "body", None)),)
+        self.pending += row  # one extend: the queue stays aligned whatever happens
 
     async def flush(self) -> None:
         """Write the queued requests in one transaction."""
@@ -154,8 +155,7 @@ class Plugin:
             rows = []
             for at in range(0, len(values), WIDTH + 1):
                 entry = values[at : at + WIDTH + 1]
-                content = entry[WIDTH]
-                prompt, completion = (None, None) if content is None else self._content(*content)
+                prompt, completion = self._content(*entry[WIDTH])
                 rows.append((*entry[: WIDTH - 1], _json(entry[WIDTH - 1]), prompt, completion))
             await bulk_insert.insert(db, "requestlog", q.COLUMN_NAMES, rows)
         else:  # every WIDTH-th value is a detail: its JSON in its place, in C

@@ -9,8 +9,10 @@ from typing import Any
 
 import aiosqlite
 import pytest
+from aiohttp.test_utils import make_mocked_request
 
 from gateway import migrations
+from gateway.call import Attempt, Call
 from plugins import _bulk_insert
 from plugins import _requestlog_query as q
 from tests.conftest import ADMIN, RunningGateway, StartBackend, StartGateway
@@ -247,8 +249,17 @@ async def test_rows_written_before_the_detail_column_are_kept_and_shown_alike(tm
                 '["b1","echo-2",200,"stalled",null,5.0,12.25,249.5,true,null]]',
             ),
         )
+        await db.execute(  # refused before routing: the NULLs; a backend's Retry-After of inf, which Python wrote
+            "INSERT INTO requestlog (at, request_id, key_name, client, endpoint, stream, model, served_model, backend,"
+            " strategy, attempts, status, latency_ms, ttft_ms, prompt_tokens, completion_tokens, cache, error)"
+            " VALUES (1700000001.0, 'old-2', NULL, NULL, 'embeddings', 0, 'e5', NULL, NULL, NULL, ?, 429, 0.5,"
+            " NULL, NULL, NULL, NULL, 'rate limited')",
+            ('[["b0","e5",429,"http_error","429 from b0",0.0,1.0,1.5,false,Infinity]]',),
+        )
         await db.commit()
         assert await migrations.migrate(db, path, "requestlog", q.SCHEMA) == 2
+        async with db.execute(f"{q.SELECT} WHERE request_id = 'old-2'") as cursor:
+            [refused] = await cursor.fetchall()
         sql, params, _ = q.query({"model": "echo-2", "status": "5xx", "key": "alice", "since": "100000d"})
         async with db.execute(sql, params) as cursor:
             [row] = await cursor.fetchall()
@@ -266,3 +277,45 @@ async def test_rows_written_before_the_detail_column_are_kept_and_shown_alike(tm
         {"backend": "b1", "model": "echo-2", "status": 200, "outcome": "stalled", "reason": None,
          "start_ms": 5.0, "ttfb_ms": 12.25, "ms": 249.5, "mid_stream": True, "retry_after": None},
     ]  # fmt: skip
+    shown = q.to_dict(tuple(refused))
+    assert (shown["key"], shown["client"], shown["served_model"], shown["strategy"], shown["ttft_ms"]) == (None,) * 5
+    assert (shown["stream"], shown["latency_ms"], shown["prompt_tokens"], shown["cache"]) == (False, 0.5, None, None)
+    [attempt] = shown["attempts"]
+    assert attempt["retry_after"] == float("inf") and attempt["status"] == 429 and "prompt" not in shown
+
+
+@pytest.mark.parametrize(
+    "change",
+    [{}, {"reason": "slow"}, {"retry_after": 3.0}, {"model": "echo-v1"}, {"status": 201}, {"mid_stream": True},
+     {"outcome": "client_gone"}, {"backend": "b1"}],
+)  # fmt: skip
+async def test_one_attempt_is_kept_whole_unless_the_row_tells_all_of_it(
+    start_backend: StartBackend, start_gateway: StartGateway, change: dict[str, Any]
+) -> None:
+    """A call answered by its one attempt, with nothing more to tell, keeps only that attempt's times; an
+    attempt that differs from its row in anything is kept whole. Either way the API shows every field."""
+    gateway = await start_gateway(await start_backend(), await start_backend(), plugins={"requestlog": {}})
+    state = gateway.state
+    backends = {b.name: b for b in state.registry.backends.values()}
+    call = Call(state, make_mocked_request("POST", "/v1/chat/completions"), "one-1", "chat/completions", b"{}",
+                {"model": "echo"})  # fmt: skip
+    call.backend, call.status = backends["b0"], 200
+    now = time.perf_counter()
+    fields: dict[str, Any] = {"backend": "b0", "model": "echo", "status": 200, "outcome": "ok", "reason": None,
+                              "mid_stream": False, "retry_after": None, **change}  # fmt: skip
+    attempt = Attempt(backends[fields["backend"]], fields["model"], now, now + 0.002, now + 0.005, fields["status"])
+    attempt.outcome, attempt.reason, attempt.retry_after = fields["outcome"], fields["reason"], fields["retry_after"]
+    attempt.mid_stream = fields["mid_stream"]
+    call.attempts.append(attempt)
+    plugin(gateway).request_complete(call)
+    logged = await entry(gateway, "one-1")
+    [shown] = logged["attempts"]
+    assert {k: shown[k] for k in fields} == fields
+    assert shown["ttfb_ms"] == pytest.approx(2, abs=0.01) and shown["ms"] == pytest.approx(5, abs=0.01)
+    database = sqlite3.connect(state.config.database_path)
+    try:
+        [(stored,)] = database.execute("SELECT detail FROM requestlog WHERE request_id = 'one-1'").fetchall()
+    finally:
+        database.close()
+    kept = json.loads(stored)[9]
+    assert (len(kept) == 3 and isinstance(kept[0], int)) if not change else isinstance(kept[0], list)
