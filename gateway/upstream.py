@@ -126,18 +126,27 @@ async def read_bounded(attempt: Attempt, upstream: Upstream, stall: float, limit
         parts.append(chunk)
 
 
+MAX_RETRY_AFTER = 3600.0
+"""The longest a backend may ask to be left alone: a larger Retry-After (``inf``, ``1e999``) is read as this."""
+
+
 def retry_after(value: str | None) -> float | None:
-    """Seconds from a Retry-After header: a number, or an HTTP date."""
+    """Seconds from a Retry-After header: a number, or an HTTP date; between 0 and MAX_RETRY_AFTER, or None.
+
+    A backend's header is untrusted: ``inf`` would keep it out of rotation for good (the circuit breaker's
+    busy window) and is no JSON number (the request log, the dashboard's events); ``nan`` means nothing."""
     if not value:
         return None
     try:
-        return max(0.0, float(value))
+        seconds = float(value)
     except ValueError:
-        pass
-    try:
-        return max(0.0, email.utils.parsedate_to_datetime(value).timestamp() - time.time())
-    except (TypeError, ValueError):
+        try:
+            seconds = email.utils.parsedate_to_datetime(value).timestamp() - time.time()
+        except (TypeError, ValueError, OverflowError):
+            return None
+    if seconds != seconds:  # NaN
         return None
+    return min(MAX_RETRY_AFTER, max(0.0, seconds))
 
 
 _BLANK = b" \t\r\n"

@@ -126,6 +126,22 @@ async def test_429_is_retried_elsewhere_and_its_retry_after_recorded(
     assert (failure.backend.name, failure.status, failure.retry_after) == ("b0", 429, 7.0)
 
 
+@pytest.mark.parametrize(("header", "recorded"), [("inf", 3600.0), ("1e999", 3600.0), ("nan", None), ("-5", 0.0)])
+async def test_a_retry_after_out_of_bounds_is_read_within_them(
+    start_backend: StartBackend, start_gateway: StartGateway, header: str, recorded: float | None
+) -> None:
+    """A backend's Retry-After is untrusted: infinite would keep it away for good and is no JSON number."""
+    busy = await start_backend(mode="error", error_status=429, error_headers={"Retry-After": header})
+    gateway = await start_gateway(busy, await start_backend(), plugins={**OBSERVE, "requestlog": {}})
+    status, _, headers = await _post(gateway.url)
+    assert status == 200 and headers["X-Multiverse-Attempts"] == "2"
+    (failure,) = _observed(gateway)[0].failures
+    assert failure.retry_after == recorded
+    reply = await gateway.get(f"/admin/requests/{headers['X-Request-ID']}", headers=ADMIN)
+    logged = json.loads(reply.body, parse_constant=lambda name: pytest.fail(f"{name} in the request log's JSON"))
+    assert logged["attempts"][0]["retry_after"] == recorded
+
+
 async def test_408_is_retried_and_when_all_are_busy_the_429_is_passed_on(
     start_backend: StartBackend, start_gateway: StartGateway
 ) -> None:
