@@ -158,7 +158,7 @@ class Plugin:
                 prompt, completion = self._content(*entry[WIDTH])
                 rows.append((*entry[: WIDTH - 1], _json(entry[WIDTH - 1]), prompt, completion))
             await bulk_insert.insert(db, "requestlog", q.COLUMN_NAMES, rows)
-        else:  # every WIDTH-th value is a detail: its JSON in its place, in C
+        else:  # every WIDTH-th value is a detail: its JSON put in its place by one slice assignment
             values[WIDTH - 1 :: WIDTH] = list(map(_json, values[WIDTH - 1 :: WIDTH]))
             await bulk_insert.insert_flat(db, "requestlog", WITHOUT_CONTENT, values)
         await db.commit()
