@@ -42,16 +42,17 @@ COUNTED = ("rejections", "failovers", "resumed")
 OBSERVED = ("queue_wait",)
 
 
-def _layout(*parts: tuple[str, int]) -> dict[str, int]:
-    """Where each histogram starts in a ``Slot``: its buckets (one past the finite bounds: +Inf), then its sum."""
-    starts, at = {}, 1  # [0] is the request count
+def _layout(*parts: tuple[str, int]) -> tuple[dict[str, int], dict[str, int]]:
+    """Where each histogram starts in a ``Slot`` (its buckets: one past the finite bounds, +Inf), and where
+    its sum is, right after them."""
+    starts, sums, at = {}, {}, 1  # [0] is the request count
     for name, bounds in parts:
-        starts[name], at = at, at + bounds + 2
+        starts[name], sums[name], at = at, at + bounds + 1, at + bounds + 2
     starts["size"] = at
-    return starts
+    return starts, sums
 
 
-SLOT = _layout(
+SLOT, SUM = _layout(
     ("duration", len(DURATION_BUCKETS)),
     ("input", len(TOKEN_BUCKETS)),
     ("output", len(TOKEN_BUCKETS)),
@@ -59,8 +60,8 @@ SLOT = _layout(
     ("ttft", len(TTFT_BUCKETS)),
     ("tpot", len(TPOT_BUCKETS)),
 )
-"""A ``Slot``'s layout: ``[0]`` requests, then per histogram its bucket counts and its sum (the tokens'
-sums are also the ``multiverse_tokens`` counter)."""
+"""A ``Slot``'s layout: ``[0]`` requests, then per histogram its bucket counts (from ``SLOT[name]``) and its
+sum (at ``SUM[name]``; the tokens' sums are also the ``multiverse_tokens`` counter)."""
 Slot = list[Any]
 SlotKey = tuple[str, str, int, str, str, str, Any]
 """A slot's label values: model, backend, status, route, key name, endpoint, cache result (or None)."""
@@ -298,7 +299,7 @@ class MetricSet:
             _add(self.duration.labels(*gen_ai), slot, SLOT["duration"])
             for kind, name in (("input", "input"), ("output", "output")):
                 if _add(self.token_usage.labels(*gen_ai, kind), slot, SLOT[name]):
-                    self.tokens.labels(model, key, kind).inc(slot[SLOT[name] + len(TOKEN_BUCKETS) + 1])
+                    self.tokens.labels(model, key, kind).inc(slot[SUM[name]])
             _add(self.overhead, slot, SLOT["overhead"])
             _add(self.ttft.labels(*gen_ai), slot, SLOT["ttft"])
             _add(self.tpot.labels(*gen_ai), slot, SLOT["tpot"])

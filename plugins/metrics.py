@@ -37,6 +37,7 @@ from plugins._metric_set import (
     DURATION_BUCKETS,
     OVERHEAD_BUCKETS,
     SLOT,
+    SUM,
     TOKEN_BUCKETS,
     TPOT_BUCKETS,
     TTFT_BUCKETS,
@@ -49,17 +50,9 @@ if TYPE_CHECKING:
     from gateway.registry import Backend
     from gateway.state import Gateway
 
-DURATION, INPUT, OUTPUT, OVERHEAD, TTFT, TPOT = (
-    SLOT[name] for name in ("duration", "input", "output", "overhead", "ttft", "tpot")
-)
-TOKENS_SUM = len(TOKEN_BUCKETS) + 1  # a token histogram's sum, from its start
-DURATION_SUM, OVERHEAD_SUM, TTFT_SUM, TPOT_SUM = (
-    start + len(buckets) + 1
-    for start, buckets in (
-        (DURATION, DURATION_BUCKETS), (OVERHEAD, OVERHEAD_BUCKETS), (TTFT, TTFT_BUCKETS), (TPOT, TPOT_BUCKETS)
-    )
-)  # fmt: skip
-"""Where each histogram's sum is in a slot: worked out once, not on every request."""
+HISTOGRAMS = ("duration", "input", "output", "overhead", "ttft", "tpot")
+DURATION, INPUT, OUTPUT, OVERHEAD, TTFT, TPOT = (SLOT[name] for name in HISTOGRAMS)
+DURATION_SUM, INPUT_SUM, OUTPUT_SUM, OVERHEAD_SUM, TTFT_SUM, TPOT_SUM = (SUM[name] for name in HISTOGRAMS)
 CIRCUIT_STATES = {"closed": 0.0, "half_open": 1.0, "open": 2.0}
 OTHER = "other"
 
@@ -158,10 +151,10 @@ class Plugin:
             prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens")
             if prompt.__class__ is int and prompt >= 0:
                 slot[INPUT + bisect_left(TOKEN_BUCKETS, prompt)] += 1
-                slot[INPUT + TOKENS_SUM] += prompt
+                slot[INPUT_SUM] += prompt
             if completion.__class__ is int and completion >= 0:
                 slot[OUTPUT + bisect_left(TOKEN_BUCKETS, completion)] += 1
-                slot[OUTPUT + TOKENS_SUM] += completion
+                slot[OUTPUT_SUM] += completion
             else:
                 completion = None
         if call.attempts:

@@ -117,12 +117,7 @@ class Plugin:
         first_byte = call.first_byte_at
         attempts = call.attempts
         if len(attempts) == 1 and _usual(attempts[0], call):  # the row tells the rest: its three times only
-            only = attempts[0]
-            at, first, ended = only.started, only.first_byte, only.ended
-            stories: tuple[Any, ...] = (
-                int((at - started) * 1e6), None if first is None else int((first - at) * 1e6),
-                None if ended is None else int((ended - at) * 1e6),
-            )  # fmt: skip
+            stories: tuple[Any, ...] = times(attempts[0], started)
         else:
             stories = tuple([story(attempt, started) for attempt in attempts])
         detail = (
@@ -244,13 +239,19 @@ def _usual(attempt: Attempt, call: Call) -> bool:
     )  # fmt: skip
 
 
-def story(attempt: Attempt, started: float) -> Story:
-    """One attempt as the table keeps it, compactly (``_requestlog_query.ATTEMPT`` names the fields): times in
-    whole microseconds (a float's JSON costs ~2,500 instructions, an int's a tenth of that), its start counted
-    from the request's."""
+def times(attempt: Attempt, started: float) -> tuple[int, int | None, int | None]:
+    """An attempt's start (counted from the request's), first byte and end, in whole microseconds: a float's
+    JSON costs ~2,500 instructions, an int's a tenth of that."""
     first, ended, at = attempt.first_byte, attempt.ended, attempt.started
     return (
-        attempt.backend.name, attempt.model, attempt.status, attempt.outcome, attempt.reason,
         int((at - started) * 1e6), None if first is None else int((first - at) * 1e6),
-        None if ended is None else int((ended - at) * 1e6), attempt.mid_stream, attempt.retry_after,
+        None if ended is None else int((ended - at) * 1e6),
+    )  # fmt: skip
+
+
+def story(attempt: Attempt, started: float) -> Story:
+    """One attempt as the table keeps it, compactly (``_requestlog_query.ATTEMPT`` names the fields)."""
+    return (
+        attempt.backend.name, attempt.model, attempt.status, attempt.outcome, attempt.reason,
+        *times(attempt, started), attempt.mid_stream, attempt.retry_after,
     )  # fmt: skip
