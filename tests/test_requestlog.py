@@ -319,3 +319,65 @@ async def test_one_attempt_is_kept_whole_unless_the_row_tells_all_of_it(
         database.close()
     kept = json.loads(stored)[9]
     assert (len(kept) == 3 and isinstance(kept[0], int)) if not change else isinstance(kept[0], list)
+
+
+@pytest.mark.parametrize("store_content", [False, True])
+async def test_the_chunk_capture_is_registered_only_to_store_content(
+    start_backend: StartBackend, start_gateway: StartGateway, store_content: bool
+) -> None:
+    """Without ``store_content`` the plugin has no ``before_request``: a hook nobody implements costs no call."""
+    gateway = await start_gateway(await start_backend(), plugins={"requestlog": {"store_content": store_content}})
+    assert ("requestlog" in [name for name, _ in gateway.state.plugins.before_request]) is store_content
+    reply = await gateway.post(
+        "/v1/chat/completions",
+        {"model": "echo", "stream": True, "messages": [{"role": "user", "content": "owls"}]},
+        headers={"X-Request-ID": "hooked"},
+    )
+    assert reply.status == 200
+    logged = await entry(gateway, "hooked")
+    assert ("owls" in logged.get("completion", "")) is store_content
+
+
+@pytest.mark.parametrize(
+    "odd",
+    [
+        {"remote": None, "route": 'ro"und\\robin\n', "cache": 3, "stream": True, "first_byte": False, "usage": None},
+        {"remote": "10.0.0.7", "route": "", "cache": "hit é", "stream": False, "first_byte": True,
+         "usage": {"prompt_tokens": 7, "completion_tokens": "x"}},
+    ],
+)  # fmt: skip
+async def test_the_detail_is_the_json_of_its_values(
+    start_backend: StartBackend, start_gateway: StartGateway, odd: dict[str, Any]
+) -> None:
+    """The hook writes ``detail`` by one format string, not an encoder: it must be the same JSON, whatever the
+    text (quotes, backslashes, newlines, non-ASCII), a tag that is no text, and the missing values."""
+    gateway = await start_gateway(await start_backend(), plugins={"requestlog": {}})
+    state = gateway.state
+    [backend] = state.registry.backends.values()
+    request = make_mocked_request("POST", "/v1/chat/completions")
+    if odd["remote"] is not None:
+        request = request.clone(remote=odd["remote"])
+    call = Call(state, request, "odd-1", "chat/completions", b"{}", {"model": "echo", "stream": odd["stream"]})
+    call.backend, call.status, call.route, call.usage = backend, 200, odd["route"], odd["usage"]
+    call.tags["cache"] = odd["cache"]
+    now = time.perf_counter()
+    call.attempts.append(Attempt(backend, "echo", now, now + 0.002, now + 0.005, 200))
+    if odd["first_byte"]:
+        call.first_byte_at = now + 0.002
+    plugin(gateway).request_complete(call)
+    await plugin(gateway).flush()
+    database = sqlite3.connect(state.config.database_path)
+    try:
+        [(stored,)] = database.execute("SELECT detail FROM requestlog WHERE request_id = 'odd-1'").fetchall()
+    finally:
+        database.close()
+    values = json.loads(stored)
+    prompt = 7 if odd["usage"] else None
+    expected = [
+        odd["remote"], "chat/completions", odd["stream"], odd["route"] or None, values[4], values[5], prompt, None,
+        str(odd["cache"]), values[9],
+    ]  # fmt: skip
+    assert values == expected
+    assert stored == json.dumps(expected, separators=(",", ":"), ensure_ascii=False)
+    assert isinstance(values[4], int) and values[4] > 0
+    assert (values[5] is not None) is odd["first_byte"] and len(values[9]) == 3
