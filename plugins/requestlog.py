@@ -65,8 +65,10 @@ WIDTH = len(WITHOUT_CONTENT)
 _json = _json_text.encoder()
 quote: Callable[[str], str] = json.encoder.encode_basestring  # type: ignore[assignment]  # C: text as JSON
 DETAIL = "[%s,%s,%s,%s,%d,%s,%s,%s,%s,%s]"
-"""The ``detail`` column's JSON (``q.DETAIL``), made by one ``%``: a third cheaper than a tuple and the encoder."""
-TIMES = "[%d,%s,%s]"
+"""The ``detail`` column's JSON (``q.DETAIL``), made by one ``%``: a third cheaper than a tuple and the encoder;
+its attempts already JSON."""
+DETAIL_USUAL = "[%s,%s,%s,%s,%d,%s,%s,%s,%s,[%d,%d,%d]]"
+"""The same, for a call its one attempt answered: the attempts are that attempt's three times."""
 NULL, TRUE, FALSE = "null", "true", "false"
 RAW_PER_CHAR = 64
 """Raw stream bytes kept per character of text: an SSE event carries a token or two in ~200 bytes."""
@@ -126,16 +128,17 @@ class Plugin:
         started = call.started
         first_byte = call.first_byte_at
         attempts = call.attempts
-        if len(attempts) == 1 and _usual(attempts[0], call):  # the row tells the rest: its three times only
-            start, first, end = times(attempts[0], started)
-            told = TIMES % (start, NULL if first is None else first, NULL if end is None else end)
+        if len(attempts) == 1 and _usual(attempt := attempts[0], call):  # the row tells the rest: its three times
+            at = attempt.started  # in microseconds, truncated by %d as times() does by int()
+            told = (at - started) * 1e6, (attempt.first_byte - at) * 1e6, (attempt.ended - at) * 1e6  # type: ignore[operator]
+            form = DETAIL_USUAL
         else:
-            told = _json([story(attempt, started) for attempt in attempts])
-        detail = DETAIL % (
+            told, form = (_json([story(attempt, started) for attempt in attempts]),), DETAIL
+        detail = form % (
             NULL if remote is None else quote(remote), quote(call.endpoint), TRUE if call.stream else FALSE,
-            quote(call.route) if call.route else NULL, int(latency * 1e6),
+            quote(call.route) if call.route else NULL, latency * 1e6,
             NULL if first_byte is None else int((first_byte - started) * 1e6), NULL if prompt is None else prompt,
-            NULL if completion is None else completion, NULL if cache is None else quote(str(cache)), told,
+            NULL if completion is None else completion, NULL if cache is None else quote(str(cache)), *told,
         )  # fmt: skip  # q.DETAIL, in order, as _json would write them (ints and quoted text: no float)
         row = (
             time.time() - latency, call.request_id, getattr(call.identity, "name", None), call.requested_model,
@@ -235,11 +238,12 @@ Story = tuple[Any, ...]
 
 
 def _usual(attempt: Attempt, call: Call) -> bool:
-    """The one attempt of a call it answered, as most are: the row's backend, model and status, nothing else to tell."""
+    """The one attempt of a call it answered, as most are: the row's backend, model and status, nothing else to tell
+    but its times (all three known)."""
     return (
         attempt.outcome == "ok" and attempt.backend is call.backend and attempt.model == call.model
         and attempt.status == call.status and attempt.reason is None and attempt.retry_after is None
-        and not attempt.mid_stream
+        and not attempt.mid_stream and attempt.first_byte is not None and attempt.ended is not None
     )  # fmt: skip
 
 

@@ -287,7 +287,7 @@ async def test_rows_written_before_the_detail_column_are_kept_and_shown_alike(tm
 @pytest.mark.parametrize(
     "change",
     [{}, {"reason": "slow"}, {"retry_after": 3.0}, {"model": "echo-v1"}, {"status": 201}, {"mid_stream": True},
-     {"outcome": "client_gone"}, {"backend": "b1"}],
+     {"outcome": "client_gone"}, {"backend": "b1"}, {"first_byte": None}],
 )  # fmt: skip
 async def test_one_attempt_is_kept_whole_unless_the_row_tells_all_of_it(
     start_backend: StartBackend, start_gateway: StartGateway, change: dict[str, Any]
@@ -301,9 +301,11 @@ async def test_one_attempt_is_kept_whole_unless_the_row_tells_all_of_it(
                 {"model": "echo"})  # fmt: skip
     call.backend, call.status = backends["b0"], 200
     now = time.perf_counter()
+    first_byte = change.get("first_byte", now + 0.002)  # none: the stream's first byte never came
     fields: dict[str, Any] = {"backend": "b0", "model": "echo", "status": 200, "outcome": "ok", "reason": None,
                               "mid_stream": False, "retry_after": None, **change}  # fmt: skip
-    attempt = Attempt(backends[fields["backend"]], fields["model"], now, now + 0.002, now + 0.005, fields["status"])
+    fields.pop("first_byte", None)
+    attempt = Attempt(backends[fields["backend"]], fields["model"], now, first_byte, now + 0.005, fields["status"])
     attempt.outcome, attempt.reason, attempt.retry_after = fields["outcome"], fields["reason"], fields["retry_after"]
     attempt.mid_stream = fields["mid_stream"]
     call.attempts.append(attempt)
@@ -311,7 +313,8 @@ async def test_one_attempt_is_kept_whole_unless_the_row_tells_all_of_it(
     logged = await entry(gateway, "one-1")
     [shown] = logged["attempts"]
     assert {k: shown[k] for k in fields} == fields
-    assert shown["ttfb_ms"] == pytest.approx(2, abs=0.01) and shown["ms"] == pytest.approx(5, abs=0.01)
+    assert shown["ttfb_ms"] == (None if first_byte is None else pytest.approx(2, abs=0.01))
+    assert shown["ms"] == pytest.approx(5, abs=0.01)
     database = sqlite3.connect(state.config.database_path)
     try:
         [(stored,)] = database.execute("SELECT detail FROM requestlog WHERE request_id = 'one-1'").fetchall()
