@@ -433,3 +433,81 @@ async def test_an_authenticate_plugin_that_raises_refuses_in_the_envelope(
         status, body, _ = await _post(gateway.url)
     assert status == 500 and body["error"]["code"] == "authentication_failed"  # refused, not let in anonymous
     assert backend.seen == [] and [e["plugins"] for e in logs if e["event"] == "authenticate_failed"] == [[path]]
+
+
+MIXED = """
+    import asyncio
+    from aiohttp import web
+    from gateway import hookimpl
+    from gateway.errors import GatewayError
+
+    {name}_seen = []
+
+    @hookimpl
+    {kind}def authenticate(request):
+        {pause}
+        if request.headers.get("X-Fail") == "{name}":
+            raise RuntimeError("a broken authenticate")
+        return request.headers.get("X-Who-{name}")
+
+    @hookimpl
+    {kind}def before_request(call):
+        {pause}
+        {name}_seen.append(call.json.get("user"))
+        if call.json.get("user") == "refuse-{name}":
+            raise GatewayError(429, "refused by {name}", code="refused_by_{name}")
+        if call.json.get("user") == "break-{name}":
+            raise RuntimeError("a broken before_request")
+
+    @hookimpl
+    {kind}def answer_request(call):
+        {pause}
+        if call.json.get("user") == "answer-{name}":
+            return web.json_response({{"from": "{name}", "who": call.identity}})
+        return None
+"""
+
+
+@pytest.mark.parametrize("kinds", [("sync", "async", "sync"), ("async", "sync", "async")])
+async def test_sync_and_async_implementations_mix_in_order(
+    tmp_path: Path, start_backend: StartBackend, start_gateway: StartGateway, kinds: tuple[str, ...]
+) -> None:
+    """Sync and async implementations of one hook, in any order: an async one is awaited in its turn and the
+    rest still run after it; every plugin sees the call in order, a refusal or a failure from either kind
+    counts, the first answer wins, and a failing authenticate refuses (never lets the caller in anonymous)."""
+    paths = []
+    for name, kind in zip("abc", kinds, strict=True):
+        asynchronous = kind == "async"
+        source = MIXED.format(
+            name=name, kind="async " if asynchronous else "", pause="await asyncio.sleep(0)" if asynchronous else ""
+        )
+        paths.append(write_plugin(tmp_path, source, f"mixed_{name}.py"))
+    backend = await start_backend()
+    gateway = await start_gateway(backend, plugins={path: None for path in paths})
+    modules = [gateway.state.plugins.pm.get_plugin(path) for path in paths]
+
+    async def post(user: str, headers: dict[str, str] | None = None) -> tuple[int, Any]:
+        url = gateway.url + "/v1/chat/completions"
+        async with (
+            aiohttp.ClientSession() as session,
+            session.post(url, json={**CHAT, "user": user}, headers=headers or {}) as reply,
+        ):
+            return reply.status, await reply.json()
+
+    assert (await post("plain"))[0] == 200
+    assert [getattr(m, f"{n}_seen") for m, n in zip(modules, "abc", strict=True)] == [["plain"]] * 3
+    status, body = await post("refuse-b")
+    assert (status, body["error"]["code"]) == (429, "refused_by_b")
+    assert [len(getattr(m, f"{n}_seen")) for m, n in zip(modules, "abc", strict=True)] == [2, 2, 1]  # c never saw it
+    with structlog.testing.capture_logs() as logs:
+        status, _ = await post("break-a")
+    assert status == 200 and [e["plugin"] for e in logs if e["event"] == "before_request_failed"] == [paths[0]]
+    assert modules[2].c_seen == ["plain", "break-a"]  # the others still ran after a's failure
+    for name in "bc":  # the first answer wins; one that answers None lets the next one answer
+        status, body = await post(f"answer-{name}", {"X-Who-b": "bob", "X-Who-c": "carol"})
+        assert (status, body) == (200, {"from": name, "who": "bob"})
+    seen = len(backend.seen)
+    with structlog.testing.capture_logs() as logs:
+        status, body = await post("plain", {"X-Fail": "b"})
+    assert (status, body["error"]["code"]) == (500, "authentication_failed") and len(backend.seen) == seen
+    assert [e["event"] for e in logs].count("authenticate_failed") == 1
