@@ -84,6 +84,7 @@ class Call:
         "chunks",
         "client_disconnected",
         "dry_run",
+        "ended",
         "endpoint",
         "error",
         "explain",
@@ -140,6 +141,7 @@ class Call:
         self.error: str | None = None  # why the call failed, also when a stream broke after a 200
         self.client_disconnected = False
         self.started = time.perf_counter()
+        self.ended: float | None = None  # when the client had its answer (or hung up): set once, by the core
         self.first_byte_at: float | None = None
         self.bytes_out = 0
         self.chunks = 0
@@ -190,8 +192,9 @@ class Call:
 
     @property
     def latency(self) -> float:
-        """Seconds since the gateway received the request."""
-        return time.perf_counter() - self.started
+        """Seconds from the request's arrival until the client had its answer (until now, before that): every
+        observer of a finished call, the request line included, reads the same figure."""
+        return (self.ended or time.perf_counter()) - self.started
 
     @property
     def time_to_first_byte(self) -> float | None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -179,7 +180,8 @@ async def send(call: Call, response: web.StreamResponse) -> web.StreamResponse:
 
 
 def _finish(gateway: Gateway, call: Call, response: web.StreamResponse | None) -> None:
-    """Record what the client got, log the request line, then tell the observers."""
+    """Record what the client got and when, log the request line, then tell the observers."""
+    call.ended = call.ended or time.perf_counter()
     if response is not None and not call.client_disconnected:
         call.status = response.status
     elif call.client_disconnected:

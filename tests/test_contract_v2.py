@@ -14,6 +14,7 @@ import pytest
 import structlog
 
 from gateway.app import create_app
+from gateway.call import ms
 from gateway.config import ConfigError
 from gateway.state import GATEWAY
 from tests.conftest import ADMIN, StartBackend, StartGateway, eventually
@@ -511,3 +512,35 @@ async def test_sync_and_async_implementations_mix_in_order(
         status, body = await post("plain", {"X-Fail": "b"})
     assert (status, body["error"]["code"]) == (500, "authentication_failed") and len(backend.seen) == seen
     assert [e["event"] for e in logs].count("authenticate_failed") == 1
+
+
+async def test_every_observer_reads_the_latency_the_client_got(
+    tmp_path: Path, start_backend: StartBackend, start_gateway: StartGateway
+) -> None:
+    """``call.latency`` stops when the client has its answer: an observer that reads it later (an async one,
+    after a wait) reads what the first one and the request line read."""
+    path = write_plugin(
+        tmp_path,
+        """
+        import asyncio
+        from gateway import hookimpl
+
+        read = []
+
+        @hookimpl
+        async def request_complete(call):
+            first = call.latency
+            await asyncio.sleep(0.2)
+            read.append((first, call.latency))
+        """,
+    )
+    gateway = await start_gateway(await start_backend(), plugins={path: None})
+    with structlog.testing.capture_logs() as logs:
+        status, _, _ = await _post(gateway.url)
+        assert status == 200
+        module = gateway.state.plugins.pm.get_plugin(path)
+        await eventually(lambda: module.read)
+    [(first, later)] = module.read
+    assert first == later < 0.2
+    [line] = [e for e in logs if e["event"] == "request"]
+    assert line["latency_ms"] == ms(first)
