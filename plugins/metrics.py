@@ -38,7 +38,7 @@ from plugins._metric_set import (
     OVERHEAD_BUCKETS,
     SLOT,
     SUM,
-    TOKEN_BUCKETS,
+    TOKEN_BOUNDS,
     TPOT_BUCKETS,
     TTFT_BUCKETS,
     MetricSet,
@@ -150,10 +150,10 @@ class Plugin:
         if usage:
             prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens")
             if prompt.__class__ is int and prompt >= 0:
-                slot[INPUT + bisect_left(TOKEN_BUCKETS, prompt)] += 1
+                slot[INPUT + bisect_left(TOKEN_BOUNDS, prompt)] += 1
                 slot[INPUT_SUM] += prompt
             if completion.__class__ is int and completion >= 0:
-                slot[OUTPUT + bisect_left(TOKEN_BUCKETS, completion)] += 1
+                slot[OUTPUT + bisect_left(TOKEN_BOUNDS, completion)] += 1
                 slot[OUTPUT_SUM] += completion
             else:
                 completion = None
