@@ -67,6 +67,9 @@ async def test_failover_cache_tokens_timings_and_bounded_labels(
     assert value(families, "gen_ai_server_time_per_output_token_seconds_count", **chat) >= 3
     assert 0 < value(families, "gen_ai_server_time_per_output_token_seconds_sum", **chat) < 5
     assert value(families, "gen_ai_client_token_usage_count", gen_ai_token_type="input", **chat) == 5
+    inputs = {"gen_ai_token_type": "input", **chat}  # prompts of 2, 2, 1, 1 (the hit) and 2 words: le is inclusive
+    assert value(families, "gen_ai_client_token_usage_bucket", le="1.0", **inputs) == 2
+    assert value(families, "gen_ai_client_token_usage_bucket", le="4.0", **inputs) == 5
     assert value(families, "gen_ai_client_token_usage_sum", gen_ai_token_type="output", **chat) >= 5
     assert value(families, "multiverse_tokens_total", model="echo", key="anonymous", type="output") >= 5
     overhead = value(families, "multiverse_gateway_overhead_seconds_count")
