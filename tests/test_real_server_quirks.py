@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import uuid
 from typing import Any
 
@@ -27,11 +28,24 @@ async def _uuid_ids_only(request: web.Request) -> web.Response:
     return web.json_response(completion_body("chat", body["model"], "hi", "hello"))
 
 
-@pytest.mark.parametrize("client_id", [None, "trace-1"])
+CLIENT_UUID = "0190d3c4-5e6f-7a8b-9c0d-1e2f3a4b5c6d"
+
+
+@pytest.mark.parametrize(
+    "client_id", [None, "trace-1", CLIENT_UUID, CLIENT_UUID.upper(), "0190d3c45-e6f-7a8b-9c0d-1e2f3a4b5c6d"]
+)
 async def test_a_backend_that_takes_only_uuid_request_ids_is_served(
     client_id: str | None, aiohttp_server: Any, start_gateway: StartGateway
 ) -> None:
-    gateway = await start_gateway(await raw_backend(aiohttp_server, _uuid_ids_only))
+    """The backend gets the client's id when it is a UUID in canonical text, else one of the gateway's own
+    (36 characters with a hyphen out of place is no canonical UUID, though ``uuid.UUID`` would take it)."""
+    seen: list[str] = []
+
+    async def backend(request: web.Request) -> web.Response:
+        seen.append(request.headers.get("X-Request-ID", ""))
+        return await _uuid_ids_only(request)
+
+    gateway = await start_gateway(await raw_backend(aiohttp_server, backend))
     headers = {"X-Request-ID": client_id} if client_id else {}
     status, body, answered = await post(gateway.base_url + "/chat/completions", headers=headers)
     assert status == 200 and body["object"] == "chat.completion"
@@ -39,6 +53,9 @@ async def test_a_backend_that_takes_only_uuid_request_ids_is_served(
         assert answered["X-Request-ID"] == client_id  # the client's own id comes back to it
     else:
         uuid.UUID(answered["X-Request-ID"])  # the gateway's id is a UUID
+    [sent] = seen
+    assert (sent == client_id) is (client_id is not None and client_id.lower() == CLIENT_UUID)
+    assert re.fullmatch(r"[0-9a-fA-F]{8}(-[0-9a-fA-F]{4}){3}-[0-9a-fA-F]{12}", sent)
 
 
 def _empty(status: int) -> Any:
