@@ -123,7 +123,7 @@ class Call:
         self.gateway = gateway
         self.request = request
         self.request_id = request_id
-        self.upstream_id = request_id if len(request_id) == 36 and _is_uuid(request_id) else new_id()
+        self.upstream_id = request_id if _is_uuid(request_id) else new_id()
         self.endpoint = endpoint
         self.body = body
         self.json = data

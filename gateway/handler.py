@@ -200,6 +200,7 @@ def observe(gateway: Gateway, call: Call) -> None:
     in a task of their own, so a slow one never holds up the client (nor its next request on the
     connection) and a client that hangs up never cancels them.
     """
+    call.ended = call.ended or time.perf_counter()  # explain's calls come here without _finish
     pending: list[tuple[str, Awaitable[Any]]] | None = None
     for plugin, fn in gateway.plugins.request_complete:
         try:

@@ -544,3 +544,9 @@ async def test_every_observer_reads_the_latency_the_client_got(
     assert first == later < 0.2
     [line] = [e for e in logs if e["event"] == "request"]
     assert line["latency_ms"] == ms(first)
+    explain = gateway.url + "/v1/route/explain"  # its refusals reach the observers without _finish
+    async with aiohttp.ClientSession() as session, session.post(explain, data=b"not json") as reply:
+        assert reply.status == 400
+    await eventually(lambda: len(module.read) == 2)
+    first, later = module.read[1]
+    assert first == later < 0.2

@@ -347,6 +347,8 @@ async def test_the_chunk_capture_is_registered_only_to_store_content(
         {"remote": None, "route": 'ro"und\\robin\n', "cache": 3, "stream": True, "first_byte": False, "usage": None},
         {"remote": "10.0.0.7", "route": "", "cache": "hit é", "stream": False, "first_byte": True,
          "usage": {"prompt_tokens": 7, "completion_tokens": "x"}},
+        {"remote": "::1", "route": "round_robin", "cache": None, "stream": False, "first_byte": True,
+         "usage": {"prompt_tokens": 7, "completion_tokens": 0}},
     ],
 )  # fmt: skip
 async def test_the_detail_is_the_json_of_its_values(
@@ -367,6 +369,7 @@ async def test_the_detail_is_the_json_of_its_values(
     call.attempts.append(Attempt(backend, "echo", now, now + 0.002, now + 0.005, 200))
     if odd["first_byte"]:
         call.first_byte_at = now + 0.002
+    call.ended = now + 0.006
     plugin(gateway).request_complete(call)
     await plugin(gateway).flush()
     database = sqlite3.connect(state.config.database_path)
@@ -375,12 +378,17 @@ async def test_the_detail_is_the_json_of_its_values(
     finally:
         database.close()
     values = json.loads(stored)
-    prompt = 7 if odd["usage"] else None
+    usage = odd["usage"] or {}
+    completion = usage.get("completion_tokens")
     expected = [
-        odd["remote"], "chat/completions", odd["stream"], odd["route"] or None, values[4], values[5], prompt, None,
-        str(odd["cache"]), values[9],
+        odd["remote"], "chat/completions", odd["stream"], odd["route"] or None, values[4], values[5],
+        usage.get("prompt_tokens"), completion if isinstance(completion, int) else None,
+        None if odd["cache"] is None else str(odd["cache"]), values[9],
     ]  # fmt: skip
     assert values == expected
     assert stored == json.dumps(expected, separators=(",", ":"), ensure_ascii=False)
-    assert isinstance(values[4], int) and values[4] > 0
-    assert (values[5] is not None) is odd["first_byte"] and len(values[9]) == 3
+    micro = pytest.approx  # whole microseconds, truncated
+    assert values[4] == micro((now + 0.006 - call.started) * 1e6, abs=1)
+    assert values[5] == (micro((now + 0.002 - call.started) * 1e6, abs=1) if odd["first_byte"] else None)
+    assert values[9] == [micro((now - call.started) * 1e6, abs=1), micro(2000, abs=1), micro(5000, abs=1)]
+    assert all(isinstance(v, int) for v in (values[4], *values[9]))
