@@ -65,8 +65,9 @@ WIDTH = len(WITHOUT_CONTENT)
 _json = _json_text.encoder()
 quote: Callable[[str], str] = json.encoder.encode_basestring  # type: ignore[assignment]  # C: text as JSON
 DETAIL = "[%s,%s,%s,%s,%d,%s,%s,%s,%s,%s]"
-"""The ``detail`` column's JSON (``q.DETAIL``), made by one ``%``: a third cheaper than a tuple and the encoder;
-its attempts already JSON."""
+"""The ``detail`` column's JSON (``q.DETAIL``), made in the hook by one ``%`` (its attempts already JSON): no tuple
+a request kept for an encoder to walk at the flush (this and no ``before_request`` without ``store_content``:
+about 7,800 fewer instructions a request)."""
 DETAIL_USUAL = "[%s,%s,%s,%s,%d,%s,%s,%s,%s,[%d,%d,%d]]"
 """The same, for a call its one attempt answered: the attempts are that attempt's three times."""
 NULL, TRUE, FALSE = "null", "true", "false"
