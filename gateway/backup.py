@@ -9,11 +9,13 @@ from typing import Any
 
 import structlog
 
+from gateway.backend import PENDING, UNKNOWN
 from gateway.config import GatewayConfig
 from gateway.private_files import create_private, sqlite_files, tighten
 from gateway.registry import EDITABLE, Registry
 
 EXPORT_VERSION = 1
+MAX_KEY_ID = 128
 
 
 def _cli_log() -> Any:
@@ -43,10 +45,13 @@ async def export_registrations(config: GatewayConfig, include_secrets: bool) -> 
     try:
         rows = []
         for backend in registry.backends.values():
-            row = {"endpoint_url": backend.url, "models": list(backend.models)}
+            row: dict[str, Any] = {"endpoint_url": backend.url, "models": list(backend.models)}
             row.update({k: getattr(backend, k) for k in EDITABLE if k not in ("url", "models")})
             if not include_secrets:
                 row.pop("api_key")
+            row["owner_key"] = backend.owner_key  # the key that registered it: its owner can still manage it
+            if backend.status == PENDING:  # waiting for an admin's approval: an import must not approve it
+                row["status"] = PENDING
             rows.append({k: v for k, v in row.items() if v is not None})
     finally:
         await registry.close()
@@ -65,14 +70,35 @@ async def import_registrations(config: GatewayConfig, data: Any) -> tuple[int, i
             if not isinstance(row, dict) or not isinstance(row.get("endpoint_url"), str) or not row.get("models"):
                 raise ValueError(f"registrations[{index}]: needs 'endpoint_url' and 'models'")
             fields = {k: v for k, v in row.items() if k in EDITABLE and k not in ("url", "models")}
+            owner_key, pending = _ownership(row, index)
             existing = registry.by_url(row["endpoint_url"])
-            if existing is not None:
-                await registry.update(existing, {"models": row["models"], **fields})
+            if existing is not None:  # its owner stays; it may go back to pending, never out of it
+                await registry.update(
+                    existing, {"models": row["models"], **fields}, pending=pending and existing.status != PENDING
+                )
                 updated += 1
             else:
-                name = fields.pop("name", None)
-                await registry.add(row["endpoint_url"], row["models"], name, **fields)
+                name, status = fields.pop("name", None), PENDING if pending else UNKNOWN
+                await registry.add(
+                    row["endpoint_url"], row["models"], name, owner_key=owner_key, status=status, **fields
+                )
                 added += 1
     finally:
         await registry.close()
     return added, updated
+
+
+def _ownership(row: dict[str, Any], index: int) -> tuple[str | None, bool]:
+    """An exported registration's ``owner_key`` (the id of the key that made it) and whether it waits for approval."""
+    owner_key, status = row.get("owner_key"), row.get("status")
+    if owner_key is not None and (not isinstance(owner_key, str) or not 0 < len(owner_key) <= MAX_KEY_ID):
+        raise ValueError(
+            f"registrations[{index}].owner_key: must be the id of the key that registered it, as text of at most "
+            f"{MAX_KEY_ID} characters (as `multiverse export` writes it), or absent"
+        )
+    if status is not None and status != PENDING:
+        raise ValueError(
+            f"registrations[{index}].status: an export keeps only '{PENDING}' (waiting for approval); "
+            f"got {str(status)[:40]!r}: remove it, or set it to '{PENDING}'"
+        )
+    return owner_key, status == PENDING

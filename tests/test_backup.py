@@ -58,3 +58,54 @@ def test_import_refuses_a_foreign_file(tmp_path: Path) -> None:
     result = _cli("import", "x.json", cwd=tmp_path)
     assert result.returncode == 1
     assert "not a file written by `multiverse export`" in result.stderr
+
+
+async def test_export_and_import_keep_who_registered_and_what_waits_for_approval(
+    start_gateway: StartGateway, tmp_path: Path
+) -> None:
+    """A registration waiting for an admin's approval is imported still waiting (an import that made it routable
+    would let a student's server take a protected model's prompts), and each keeps the key that registered it;
+    an import never approves one already there."""
+    gateway = await start_gateway(backends=[])
+    async with aiohttp.ClientSession() as session:
+        for port in (41010, 41011):
+            body = {"endpoint_url": f"http://127.0.0.1:{port}", "models": ["m"]}
+            async with session.post(gateway.url + "/admin/register", json=body, headers=ADMIN) as response:
+                assert response.status == 201
+    with sqlite3.connect(tmp_path / "gateway.db") as db:  # as a host key's registration under approve_registrations
+        db.execute("UPDATE backends SET status = 'pending', owner_key = 'k-host-1' WHERE url LIKE '%:41010'")
+    config = tmp_path / "gateway.yaml"
+    config.write_text(f"storage: {{sqlite: {tmp_path / 'gateway.db'}}}\n")
+    exported = tmp_path / "export.json"
+    assert _cli("export", "--config", str(config), "-o", str(exported), cwd=tmp_path).returncode == 0
+    rows = {r["endpoint_url"]: r for r in json.loads(exported.read_text())["registrations"]}
+    assert (rows["http://127.0.0.1:41010"]["owner_key"], rows["http://127.0.0.1:41010"]["status"]) == (
+        "k-host-1", "pending",
+    )  # fmt: skip
+    assert rows["http://127.0.0.1:41011"]["owner_key"] == "admin" and "status" not in rows["http://127.0.0.1:41011"]
+
+    other = tmp_path / "other.yaml"
+    other.write_text(f"storage: {{sqlite: {tmp_path / 'other.db'}}}\n")
+    assert _cli("import", str(exported), "--config", str(other), cwd=tmp_path).returncode == 0
+    with sqlite3.connect(tmp_path / "other.db") as db:
+        kept = {
+            url: (owner, status) for url, owner, status in db.execute("SELECT url, owner_key, status FROM backends")
+        }
+    assert kept == {
+        "http://127.0.0.1:41010": ("k-host-1", "pending"), "http://127.0.0.1:41011": ("admin", "unknown"),
+    }  # fmt: skip
+
+    # already there and approved meanwhile: an import of the pending export puts it back to wait, never the reverse
+    with sqlite3.connect(tmp_path / "other.db") as db:
+        db.execute("UPDATE backends SET status = 'healthy' WHERE url LIKE '%:41010'")
+    data = json.loads(exported.read_text())
+    assert _cli("import", str(exported), "--config", str(other), cwd=tmp_path).returncode == 0
+    with sqlite3.connect(tmp_path / "other.db") as db:
+        assert db.execute("SELECT status FROM backends WHERE url LIKE '%:41010'").fetchone() == ("pending",)
+
+    for bad, message in (({"status": "healthy"}, "status: an export keeps only 'pending'"),
+                         ({"owner_key": 7}, "owner_key: must be the id of the key")):  # fmt: skip
+        broken = tmp_path / "broken.json"
+        broken.write_text(json.dumps({**data, "registrations": [{**data["registrations"][0], **bad}]}))
+        result = _cli("import", str(broken), "--config", str(other), cwd=tmp_path)
+        assert result.returncode == 1 and message in result.stderr and "Traceback" not in result.stderr
