@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from gateway.upstream import MAX_RETRY_AFTER
 from plugins._usage_report import parse_since
 
 # No index on ``at``: one costs a third more per row written; ids follow time, newest first is by id.
@@ -213,6 +215,12 @@ def _attempts(stored: list[Any], backend: str | None, served: str | None, status
 
 def _attempt(stored: list[Any]) -> dict[str, Any]:
     """One attempt as the API shows it: times in milliseconds (stored as whole microseconds, an int; a float
-    is an older row's milliseconds)."""
+    is an older row's milliseconds). A Retry-After an older gateway kept as infinite (``Infinity``, which no
+    strict JSON parser reads: a browser's ``JSON.parse`` refuses the whole page) is shown as the longest one
+    read today."""
     stored[TIMES] = [_ms(value) for value in stored[TIMES]]
-    return dict(zip(ATTEMPT, stored, strict=True))
+    shown = dict(zip(ATTEMPT, stored, strict=True))
+    retry_after = shown["retry_after"]
+    if isinstance(retry_after, float) and not math.isfinite(retry_after):
+        shown["retry_after"] = MAX_RETRY_AFTER if retry_after > 0 else None
+    return shown

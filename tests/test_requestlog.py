@@ -281,7 +281,8 @@ async def test_rows_written_before_the_detail_column_are_kept_and_shown_alike(tm
     assert (shown["key"], shown["client"], shown["served_model"], shown["strategy"], shown["ttft_ms"]) == (None,) * 5
     assert (shown["stream"], shown["latency_ms"], shown["prompt_tokens"], shown["cache"]) == (False, 0.5, None, None)
     [attempt] = shown["attempts"]
-    assert attempt["retry_after"] == float("inf") and attempt["status"] == 429 and "prompt" not in shown
+    assert attempt["retry_after"] == 3600.0 and attempt["status"] == 429 and "prompt" not in shown
+    json.loads(json.dumps(shown), parse_constant=lambda name: pytest.fail(f"{name} is no JSON"))  # strict JSON
 
 
 @pytest.mark.parametrize(
