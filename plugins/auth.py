@@ -56,6 +56,11 @@ def _day(moment: float) -> str:
     return datetime.fromtimestamp(moment, UTC).strftime("%Y-%m-%d %H:%M UTC")
 
 
+def _named(entry: Entry) -> str:
+    """A key as a refusal names it: made only for a refusal, not for every request."""
+    return f"the API key '{entry.identity.name}' ({entry.identity.key_id})"
+
+
 class Plugin:
     def __init__(self, options: Options | None = None) -> None:
         self.options = options or Options()
@@ -107,12 +112,13 @@ class Plugin:
                 "this API key is not known here; check that it was copied whole (it starts with mvk-), or " + ASK,
                 code="invalid_api_key",
             )
-        key = f"the API key '{entry.identity.name}' ({entry.identity.key_id})"
         if entry.revoked_at is not None:
-            raise GatewayError(401, f"{key} was revoked on {_day(entry.revoked_at)}; {ASK}", code="revoked_api_key")
+            raise GatewayError(
+                401, f"{_named(entry)} was revoked on {_day(entry.revoked_at)}; {ASK}", code="revoked_api_key"
+            )
         if entry.expires_at is not None and entry.expires_at <= time.time():
             raise GatewayError(
-                401, f"{key} expired on {_day(entry.expires_at)}; ask the gateway's admin to issue a new one",
+                401, f"{_named(entry)} expired on {_day(entry.expires_at)}; ask the gateway's admin to issue a new one",
                 code="expired_api_key",
             )  # fmt: skip
         return entry.identity
