@@ -110,7 +110,7 @@ async def discover_models(gateway: Gateway, url: str, api_key: str | None) -> li
     return models
 
 
-def _given_fields(body: Registration) -> dict[str, Any]:
+def given_fields(body: Registration) -> dict[str, Any]:
     """The registration's optional fields that were given, by registry field name."""
     skip = ("endpoint_url", "model_name", "models")
     given = {k: v for k, v in vars(body).items() if v is not None and k not in skip}
@@ -151,7 +151,7 @@ async def register(request: web.Request, gateway: Gateway, caller: Identity) -> 
     status = status_for(gateway, caller, models)
     if request.query.get("check") in ("1", "true"):
         await refuse_unless_conformant(gateway, url.url, models[0], body.api_key)
-    fields = _given_fields(body)
+    fields = given_fields(body)
     async with gateway.registry.lock:  # discovery awaited: check again, and write before anyone else checks
         existing = _existing(gateway, url.url)
         try:
@@ -167,7 +167,7 @@ async def register(request: web.Request, gateway: Gateway, caller: Identity) -> 
                 )
         except sqlite3.IntegrityError:
             raise _url_taken(url.url) from None
-    given = sorted(_given_fields(body))
+    given = sorted(given_fields(body))
     await record(gateway, caller, "updated" if existing else "registered", backend, fields=given)
     gateway.log.info(
         "backend_registered", registration_id=backend.id, backend=backend.name, models=list(backend.models)
@@ -200,7 +200,7 @@ async def update(request: web.Request, gateway: Gateway, caller: Identity) -> we
     backend = _registered(gateway, request.match_info["registration_id"], caller)
     limit_registrations(request, gateway)
     body: Registration = _validated(Registration, await read_object(request))
-    changes = _given_fields(body)
+    changes = given_fields(body)
     url: BackendURL | None = None
     if body.endpoint_url:
         url = await check_backend_url(body.endpoint_url, gateway.config.admin.allow_private_backends)

@@ -9,10 +9,12 @@ from typing import Any
 
 import structlog
 
+from gateway.admin import Registration, given_fields
 from gateway.backend import PENDING, UNKNOWN
 from gateway.config import GatewayConfig
 from gateway.private_files import create_private, sqlite_files, tighten
 from gateway.registry import EDITABLE, Registry
+from gateway.validate import ValidationError, build
 
 EXPORT_VERSION = 1
 MAX_KEY_ID = 128
@@ -66,26 +68,41 @@ async def import_registrations(config: GatewayConfig, data: Any) -> tuple[int, i
     await registry.open()
     added = updated = 0
     try:
-        for index, row in enumerate(data.get("registrations") or []):
-            if not isinstance(row, dict) or not isinstance(row.get("endpoint_url"), str) or not row.get("models"):
-                raise ValueError(f"registrations[{index}]: needs 'endpoint_url' and 'models'")
-            fields = {k: v for k, v in row.items() if k in EDITABLE and k not in ("url", "models")}
-            owner_key, pending = _ownership(row, index)
-            existing = registry.by_url(row["endpoint_url"])
+        rows = data.get("registrations") or []
+        if not isinstance(rows, list):
+            raise ValueError("'registrations' must be a list, as `multiverse export` writes it")
+        checked = [_checked(row, index) for index, row in enumerate(rows)]  # every row, before writing any
+        for url, models, fields, owner_key, pending in checked:
+            existing = registry.by_url(url)
             if existing is not None:  # its owner stays; it may go back to pending, never out of it
                 await registry.update(
-                    existing, {"models": row["models"], **fields}, pending=pending and existing.status != PENDING
+                    existing, {"models": models, **fields}, pending=pending and existing.status != PENDING
                 )
                 updated += 1
             else:
                 name, status = fields.pop("name", None), PENDING if pending else UNKNOWN
-                await registry.add(
-                    row["endpoint_url"], row["models"], name, owner_key=owner_key, status=status, **fields
-                )
+                await registry.add(url, models, name, owner_key=owner_key, status=status, **fields)
                 added += 1
     finally:
         await registry.close()
     return added, updated
+
+
+def _checked(row: Any, index: int) -> tuple[str, list[str], dict[str, Any], str | None, bool]:
+    """An exported registration checked as ``POST /admin/register`` checks one: (URL, models, the other fields,
+    owner_key, pending). A hand-edited file must not store what the API would refuse (models "abc" as three
+    models, a weight of "heavy", a negative timeout)."""
+    if not isinstance(row, dict):
+        raise ValueError(f"registrations[{index}]: must be an object with 'endpoint_url' and 'models'")
+    given = {k: v for k, v in row.items() if k not in ("owner_key", "status")}
+    try:
+        body = build(Registration, given)
+    except ValidationError as exc:
+        raise ValueError(f"registrations[{index}]: {'; '.join(exc.problems)}") from None
+    if body.endpoint_url is None or not body.models:
+        raise ValueError(f"registrations[{index}]: needs 'endpoint_url' and 'models'")
+    fields = {k: v for k, v in given_fields(body).items() if k in EDITABLE}
+    return (body.endpoint_url, body.models, fields, *_ownership(row, index))
 
 
 def _ownership(row: dict[str, Any], index: int) -> tuple[str | None, bool]:

@@ -109,3 +109,21 @@ async def test_export_and_import_keep_who_registered_and_what_waits_for_approval
         broken.write_text(json.dumps({**data, "registrations": [{**data["registrations"][0], **bad}]}))
         result = _cli("import", str(broken), "--config", str(other), cwd=tmp_path)
         assert result.returncode == 1 and message in result.stderr and "Traceback" not in result.stderr
+
+
+def test_import_checks_every_registration_as_the_api_does_and_writes_none_of_a_bad_file(tmp_path: Path) -> None:
+    """A hand-edited export must not store what ``POST /admin/register`` refuses (a string of models taken as a
+    list of letters, a weight that is no number, a negative timeout); one bad row and nothing is written."""
+    (tmp_path / "gateway.yaml").write_text("storage: {sqlite: ./gw.db}\n")
+    good = {"endpoint_url": "http://127.0.0.1:41020", "models": ["m"]}
+    bad = {"endpoint_url": "http://127.0.0.1:41021", "models": "abc", "weight": "heavy", "connect_timeout": -1}
+    (tmp_path / "bad.json").write_text(json.dumps({"multiverse_export": 1, "registrations": [good, bad]}))
+    result = _cli("import", "bad.json", cwd=tmp_path)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    for problem in ("registrations[1]: models: expected a list", "weight: expected number", "connect_timeout: must be"):
+        assert problem in result.stderr
+    exported = json.loads(_cli("export", cwd=tmp_path).stdout)
+    assert exported["registrations"] == []  # not even the good row before it
+    (tmp_path / "list.json").write_text(json.dumps({"multiverse_export": 1, "registrations": {"a": good}}))
+    result = _cli("import", "list.json", cwd=tmp_path)
+    assert result.returncode == 1 and "'registrations' must be a list" in result.stderr
