@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import ipaddress
 import sqlite3
 import sys
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import structlog
 
 from gateway.admin import Registration, given_fields
 from gateway.backend import PENDING, UNKNOWN
 from gateway.config import GatewayConfig
+from gateway.jsonbody import lone_surrogate_path, non_finite_path
+from gateway.netguard import address_problem, normalise_url
 from gateway.private_files import create_private, sqlite_files, tighten
 from gateway.registry import EDITABLE, Registry
 from gateway.validate import ValidationError, build
@@ -71,7 +75,8 @@ async def import_registrations(config: GatewayConfig, data: Any) -> tuple[int, i
         rows = data.get("registrations") or []
         if not isinstance(rows, list):
             raise ValueError("'registrations' must be a list, as `multiverse export` writes it")
-        checked = [_checked(row, index) for index, row in enumerate(rows)]  # every row, before writing any
+        allow_private = config.admin.allow_private_backends
+        checked = [_checked(row, index, allow_private) for index, row in enumerate(rows)]  # all, before any write
         for url, models, fields, owner_key, pending in checked:
             existing = registry.by_url(url)
             if existing is not None:  # its owner stays; it may go back to pending, never out of it
@@ -88,21 +93,50 @@ async def import_registrations(config: GatewayConfig, data: Any) -> tuple[int, i
     return added, updated
 
 
-def _checked(row: Any, index: int) -> tuple[str, list[str], dict[str, Any], str | None, bool]:
+def _checked(row: Any, index: int, allow_private: bool) -> tuple[str, list[str], dict[str, Any], str | None, bool]:
     """An exported registration checked as ``POST /admin/register`` checks one: (URL, models, the other fields,
     owner_key, pending). A hand-edited file must not store what the API would refuse (models "abc" as three
-    models, a weight of "heavy", a negative timeout)."""
+    models, a weight of "heavy", a negative timeout, NaN, a lone surrogate, a private address)."""
+    where = f"registrations[{index}]"
     if not isinstance(row, dict):
-        raise ValueError(f"registrations[{index}]: must be an object with 'endpoint_url' and 'models'")
+        raise ValueError(f"{where}: must be an object with 'endpoint_url' and 'models'")
+    path = lone_surrogate_path(row)
+    if path is not None:
+        shown = path.encode("utf-8", "backslashreplace").decode()
+        raise ValueError(f"{where}.{shown}: holds an unpaired \\u escape (a lone surrogate), which is not text")
+    path = non_finite_path(row)
+    if path is not None:
+        raise ValueError(f"{where}.{path}: must be a finite number; JSON has no NaN or Infinity")
     given = {k: v for k, v in row.items() if k not in ("owner_key", "status")}
     try:
         body = build(Registration, given)
     except ValidationError as exc:
-        raise ValueError(f"registrations[{index}]: {'; '.join(exc.problems)}") from None
-    if body.endpoint_url is None or not body.models:
-        raise ValueError(f"registrations[{index}]: needs 'endpoint_url' and 'models'")
+        raise ValueError(f"{where}: {'; '.join(exc.problems)}") from None
+    if body.model_name and body.models:
+        raise ValueError(f"{where}: give either 'model_name' or 'models', not both")
+    models = [body.model_name] if body.model_name else body.models
+    if body.endpoint_url is None or not models:
+        raise ValueError(f"{where}: needs 'endpoint_url' and 'models'")
+    if not allow_private:
+        _public(body.endpoint_url, where)
     fields = {k: v for k, v in given_fields(body).items() if k in EDITABLE}
-    return (body.endpoint_url, body.models, fields, *_ownership(row, index))
+    return (body.endpoint_url, models, fields, *_ownership(row, index))
+
+
+def _public(url: str, where: str) -> None:
+    """Refuse an address the API refuses. Only an address written out is checked: this command may run where
+    names do not resolve, and a name that resolves to a private address is refused when the gateway connects."""
+    host = urlsplit(normalise_url(url).url).hostname or ""
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return
+    problem = address_problem(address)
+    if problem:
+        raise ValueError(
+            f"{where}.endpoint_url: {host} is {problem}; backends must be reachable at public addresses "
+            "(a lab on one LAN sets admin.allow_private_backends: true)"
+        )
 
 
 def _ownership(row: dict[str, Any], index: int) -> tuple[str | None, bool]:
