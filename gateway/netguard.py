@@ -174,13 +174,22 @@ async def _resolve(host: str, port: int) -> list[IPAddress]:
     return [ipaddress.ip_address(str(info[4][0]).split("%", 1)[0]) for info in infos]
 
 
+class NotPublic(OSError):
+    """A backend's host is, or resolves only to, addresses the rule refuses (``allow_private_backends`` off)."""
+
+
 class PublicOnlyResolver(AbstractResolver):
     """Resolves like aiohttp's default, but drops non-public addresses for untrusted hosts.
 
     Registration checks the addresses a hostname has then; this keeps a hostname
-    from being re-pointed at a private address afterwards (DNS rebinding). Hosts
-    from the config file are trusted.
+    from being re-pointed at a private address afterwards (DNS rebinding), and an
+    address written out that became private to the rule since (registered while
+    ``allow_private_backends`` was on, or imported): the relay's pool passes IP
+    literals through it too (``checks_addresses``). Hosts from the config file are
+    trusted.
     """
+
+    checks_addresses = True
 
     def __init__(self, trusted_hosts: set[str]) -> None:
         self._inner = DefaultResolver()
@@ -194,7 +203,7 @@ class PublicOnlyResolver(AbstractResolver):
             return results
         kept = [r for r in results if address_problem(ipaddress.ip_address(r["host"])) is None]
         if not kept:
-            raise OSError(f"{host} resolves only to non-public addresses; refused")
+            raise NotPublic(f"{host} resolves only to non-public addresses; refused")
         return kept
 
     async def close(self) -> None:

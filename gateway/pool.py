@@ -213,12 +213,14 @@ class Pool:
         shown = f"[{host}]" if ":" in host else host
         host_header = shown if port == _DEFAULT_PORTS[scheme] else f"{shown}:{port}"
         key = ConnectionKey(host, port, scheme == "https", True, None, None, None)
-        try:
-            ipaddress.ip_address(host)
-        except ValueError:
-            addresses = None
-        else:
-            addresses = _addr_infos([_literal(host, port)])
+        addresses = None  # resolve: a resolver that checks addresses (netguard's) sees an IP literal too
+        if not getattr(self._resolver, "checks_addresses", False):
+            try:
+                ipaddress.ip_address(host)
+            except ValueError:
+                pass
+            else:
+                addresses = _addr_infos([_literal(host, port)])
         path = URL(url).raw_path or "/"  # percent-encoded once, as aiohttp's session sent it (yarl)
         target = _Target(Origin(scheme, host, port), path, host_header, key, addresses)
         if len(self._targets) >= MAX_NAMES:  # registrations come and go: the oldest URL worked out goes

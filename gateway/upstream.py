@@ -17,6 +17,8 @@ import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict
 
+from gateway.netguard import NotPublic
+
 if TYPE_CHECKING:
     from gateway.call import Attempt, Call
     from gateway.transport import Upstream
@@ -183,6 +185,8 @@ def describe(exc: BaseException) -> str:
 def _os_reason(exc: aiohttp.ClientOSError) -> str:
     """The OS's words for the error ("Connection refused"): asyncio's own text carries the address."""
     if isinstance(exc, aiohttp.ClientConnectorDNSError):
+        if isinstance(exc.os_error, NotPublic):
+            return "its address is not public, and admin.allow_private_backends is off"
         return "its host name does not resolve"
     code = exc.os_error.errno if isinstance(exc, aiohttp.ClientConnectorError) else exc.errno
     return os.strerror(code) if code and code > 0 else type(exc).__name__

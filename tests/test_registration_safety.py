@@ -199,3 +199,18 @@ async def test_concurrent_registrations_of_one_url_make_one_registration(
     assert sorted(status for status, _, _ in results) == [200] * 8 + [201]
     assert len({body["registration_id"] for _, body, _ in results}) == 1
     assert len(gateway.state.registry.backends) == 1
+
+
+async def test_a_private_address_registered_while_allowed_is_not_called_once_disallowed(
+    start_backend: StartBackend, start_gateway: StartGateway
+) -> None:
+    """A registration by IP address made while ``allow_private_backends`` was on (or imported) stays in the
+    registry when the setting is turned off; the relay then refuses to connect to it, as it refuses a host name
+    that turned private: the pool passes IP literals through the checking resolver too."""
+    backend = await start_backend(models=["echo"])  # on 127.0.0.1
+    gateway = await start_gateway(backends=[], admin=STRICT)
+    await gateway.state.registry.add(backend.url, ["echo"], "was-allowed")  # as the registry kept it
+    reply = await gateway.chat("hello")
+    assert reply.status == 503 and backend.seen == []
+    message = reply.json()["error"]["message"]
+    assert "was-allowed: could not connect (its address is not public" in message and "127.0.0.1" not in message
