@@ -15,7 +15,7 @@ from gateway.admin import Registration, given_fields
 from gateway.backend import PENDING, UNKNOWN
 from gateway.config import GatewayConfig
 from gateway.jsonbody import lone_surrogate_path, non_finite_path
-from gateway.netguard import address_problem, normalise_url
+from gateway.netguard import PUBLIC_ONLY, address_problem, normalise_url
 from gateway.private_files import create_private, sqlite_files, tighten
 from gateway.registry import EDITABLE, Registry
 from gateway.validate import ValidationError, build
@@ -75,6 +75,13 @@ async def import_registrations(config: GatewayConfig, data: Any) -> tuple[int, i
         rows = data.get("registrations") or []
         if not isinstance(rows, list):
             raise ValueError("'registrations' must be a list, as `multiverse export` writes it")
+        path = lone_surrogate_path(data)  # paths as registrations[1].name: the whole file, walked once
+        if path is not None:
+            shown = path.encode("utf-8", "backslashreplace").decode()
+            raise ValueError(f"{shown}: holds an unpaired \\u escape (a lone surrogate), which is not text")
+        path = non_finite_path(data)
+        if path is not None:
+            raise ValueError(f"{path}: must be a finite number; JSON has no NaN or Infinity")
         allow_private = config.admin.allow_private_backends
         checked = [_checked(row, index, allow_private) for index, row in enumerate(rows)]  # all, before any write
         for url, models, fields, owner_key, pending in checked:
@@ -96,17 +103,11 @@ async def import_registrations(config: GatewayConfig, data: Any) -> tuple[int, i
 def _checked(row: Any, index: int, allow_private: bool) -> tuple[str, list[str], dict[str, Any], str | None, bool]:
     """An exported registration checked as ``POST /admin/register`` checks one: (URL, models, the other fields,
     owner_key, pending). A hand-edited file must not store what the API would refuse (models "abc" as three
-    models, a weight of "heavy", a negative timeout, NaN, a lone surrogate, a private address)."""
+    models, a weight of "heavy", a negative timeout, a private address; NaN and lone surrogates are refused
+    for the whole file before)."""
     where = f"registrations[{index}]"
     if not isinstance(row, dict):
         raise ValueError(f"{where}: must be an object with 'endpoint_url' and 'models'")
-    path = lone_surrogate_path(row)
-    if path is not None:
-        shown = path.encode("utf-8", "backslashreplace").decode()
-        raise ValueError(f"{where}.{shown}: holds an unpaired \\u escape (a lone surrogate), which is not text")
-    path = non_finite_path(row)
-    if path is not None:
-        raise ValueError(f"{where}.{path}: must be a finite number; JSON has no NaN or Infinity")
     given = {k: v for k, v in row.items() if k not in ("owner_key", "status")}
     try:
         body = build(Registration, given)
@@ -119,8 +120,7 @@ def _checked(row: Any, index: int, allow_private: bool) -> tuple[str, list[str],
         raise ValueError(f"{where}: needs 'endpoint_url' and 'models'")
     if not allow_private:
         _public(body.endpoint_url, where)
-    fields = {k: v for k, v in given_fields(body).items() if k in EDITABLE}
-    return (body.endpoint_url, models, fields, *_ownership(row, index))
+    return (body.endpoint_url, models, given_fields(body), *_ownership(row, index))
 
 
 def _public(url: str, where: str) -> None:
@@ -133,10 +133,7 @@ def _public(url: str, where: str) -> None:
         return
     problem = address_problem(address)
     if problem:
-        raise ValueError(
-            f"{where}.endpoint_url: {host} is {problem}; backends must be reachable at public addresses "
-            "(a lab on one LAN sets admin.allow_private_backends: true)"
-        )
+        raise ValueError(f"{where}.endpoint_url: {host} is {problem}; {PUBLIC_ONLY}")
 
 
 def _ownership(row: dict[str, Any], index: int) -> tuple[str | None, bool]:

@@ -117,6 +117,12 @@ def _canonical_host(hostname: str) -> str:
     return name.lower()
 
 
+PUBLIC_ONLY = (
+    "backends must be reachable at public addresses (a lab on one LAN sets admin.allow_private_backends: true)"
+)
+"""The rule and its way out, as a refused registration (API or import) ends its message."""
+
+
 def address_problem(address: IPAddress) -> str | None:
     """Why an address is not public, or None if it is."""
     if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
@@ -156,8 +162,7 @@ async def check_backend_url(url: str, allow_private: bool) -> BackendURL:
             shown = host if str(address) == host else f"{host} resolves to {address}, which is"
             raise GatewayError(
                 400,
-                f"endpoint_url refused: {shown} {problem}; backends must be reachable at public addresses "
-                "(a lab on one LAN sets admin.allow_private_backends: true)",
+                f"endpoint_url refused: {shown} {problem}; {PUBLIC_ONLY}",
                 code="backend_address_refused",
                 param="endpoint_url",
             )
