@@ -7,6 +7,7 @@ import contextlib
 import itertools
 import json
 import random
+import re
 import signal
 import statistics
 import time
@@ -23,6 +24,7 @@ from tests.agent_process import AgentProcess, start_agent
 from tests.conftest import ADMIN_KEY, FakeBackend, RunningGateway, StartBackend, StartGateway, eventually
 
 CLOSED = (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED, aiohttp.WSMsgType.CLOSING, aiohttp.WSMsgType.ERROR)
+WORD = re.compile(rb'"content": " ?(w\d+)"')
 PRIVATE_OFF = {"api_key": ADMIN_KEY, "allow_private_backends": False}
 
 
@@ -101,19 +103,23 @@ async def test_sixteen_streams_share_one_connection_chunk_for_chunk_and_a_slow_r
         both = await asyncio.gather(*(one(m) for _ in range(16) for m in ("tiny", "tiny-http")))  # interleaved
         slow.close()
     assert len({id(b.transport) for b in gateway.state.registry.backends.values() if b.source == "api"}) == 1
+    alone = 0
     for chunks, _, took in both:
-        words = [c for c in chunks if b'"content": "w' in c or b'"content": " w' in c]
-        assert len(words) == 20  # each word (sent 20 ms apart) its own chunk: none merged
-        assert [w.split(b'"content": "')[1].split(b'"')[0].strip() for w in words] == [
-            f"w{i}".encode() for i in range(20)
-        ]  # in order
+        carrying = [WORD.findall(c) for c in chunks]
+        assert WORD.findall(b"".join(chunks)) == [f"w{i}".encode() for i in range(20)]  # all, in order
+        alone += sum(len(ws) == 1 for ws in carrying)
         assert took < 20 * 0.02 + 1.5  # the slow reader held up no one
+    # Each word (sent 20 ms apart) comes in its own chunk. Client, gateway and backends share this event
+    # loop, so a stall of a loaded CI machine can let the client read two at once (CI saw 1 of 640); a
+    # relay that held or batched chunks would merge most of them.
+    assert alone >= 0.95 * 20 * len(both), alone
     through_agent = statistics.median(g for _, gaps, _ in both[0::2] for g in gaps)
     over_http = statistics.median(g for _, gaps, _ in both[1::2] for g in gaps)
     # The goal is 0.3 ms (met in docs/benchmarks.md, separate processes). Here the client, the
     # gateway and both backends share one event loop with 32 streams: measured +0.03 to +0.35 ms on a
-    # shared 2-core machine, so the bound is looser than the goal, to catch a regression, not noise.
-    assert through_agent - over_http < 0.001, (through_agent, over_http)
+    # quiet 2-core machine, +2 ms with both cores busy elsewhere, so the bound (a quarter of the 20 ms
+    # between words) catches a relay that holds chunks back, not noise; the benchmark measures the goal.
+    assert through_agent - over_http < 0.005, (through_agent, over_http)
     await agent.stop(signal.SIGKILL)
 
 
