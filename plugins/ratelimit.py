@@ -38,7 +38,7 @@ if TYPE_CHECKING:
     from gateway.state import Gateway
 
 UNLIMITED = None
-Take = tuple[str, int, float]  # a bucket's kind ("requests", "tokens"), its limit a minute, the amount
+NUMBER = (int, float)  # a tuple: isinstance against ``int | float`` builds the union each call
 
 
 @dataclass(frozen=True)
@@ -90,6 +90,19 @@ class Caller:
         return cls(key, who, {kind: bucket(kind, key) for kind in ("requests", "tokens")})
 
 
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """What applies to a caller (None: no limit of that kind), worked out once for a key's ``Identity`` (auth
+    makes a new one when the key changes; ``identity`` tells a stale entry)."""
+
+    caller: Caller
+    rpm: int | None
+    tpm: int | None
+    cap: int | None
+    high: bool
+    identity: Identity | None = None
+
+
 @dataclass(slots=True)
 class Ticket:
     """What this plugin took for one call, so that ``request_complete`` gives back exactly that."""
@@ -107,7 +120,7 @@ class Plugin:
         self.queue = FairQueue()
         self.running: dict[str, int] = {}  # key -> its calls queued or in flight
         self.held: dict[str, int] = {}  # backend id -> slots reserved for admitted calls not yet routed
-        self.callers: dict[str, Caller] = {}  # key id -> its names, made once
+        self.limits: dict[str, Limits] = {}  # key id -> its names and limits, for its current Identity
         self.gateway: Gateway | None = None
 
     @hookimpl
@@ -124,91 +137,95 @@ class Plugin:
     @hookimpl
     def before_request(self, call: Call) -> Awaitable[None] | None:
         """Synchronous with the in-process store and a free backend (the usual case): no coroutine to run."""
-        ticket, rpm, tpm, cap, high = self._ticket(call)
-        caller = ticket.caller
+        identity = call.identity
+        limits = self.limits.get(identity.key_id) if identity.__class__ is Identity else None  # type: ignore[union-attr]
+        if limits is None or limits.identity is not identity:
+            limits = self._limits(call)
+        caller, rpm, tpm, cap = limits.caller, limits.rpm, limits.tpm, limits.cap
         if call.dry_run:
             call.explain["ratelimit"] = {"key": caller.who, "rpm": rpm, "tpm": tpm, "max_concurrency": cap}
             return None
-        running = self.running.get(caller.key, 0)
+        key = caller.key
+        running = self.running.get(key, 0)
         if cap is not None and running >= cap:
             message = f"rate limit: at most {cap} requests at once for {caller.who}; wait for one to finish"
             raise GatewayError(429, message, code="rate_limit_exceeded", headers={"Retry-After": "1"})
-        self.running[caller.key] = running + 1
-        ticket.concurrent = True
-        call.state["ratelimit"] = ticket
-        takes = self._takes(call, ticket, rpm, tpm)
+        self.running[key] = running + 1
+        ticket = call.state["ratelimit"] = Ticket(caller, concurrent=True)
+        if rpm is None and tpm is None:
+            return self._queue(call, ticket, limits.high)
+        estimate = 0.0 if tpm is None else self._estimate(call, tpm, caller)
         store = call.gateway.store
-        if takes and not isinstance(store, MemoryStore):
-            return self._take_then_queue(call, store, ticket, takes, high)
+        if not isinstance(store, MemoryStore):
+            return self._take_then_queue(call, store, ticket, rpm, tpm, estimate, limits.high)
         buckets, headers = caller.buckets, call.response_headers
-        for kind, limit, amount in takes:
-            wait, left = store.take_now(buckets[kind], amount, limit / 60, limit)
-            if wait and kind == "tokens" and rpm is not None:  # refused: a refused request costs nothing
+        if rpm is not None:
+            wait, left = store.take_now(buckets["requests"], 1.0, rpm / 60, rpm)
+            settle("requests", rpm, 1.0, wait, left, headers, caller.who)  # raises the 429 if refused
+        if tpm is not None:
+            wait, left = store.take_now(buckets["tokens"], estimate, tpm / 60, tpm)
+            if wait and rpm is not None:  # refused: a refused request costs nothing
                 store.take_now(buckets["requests"], -1, rpm / 60, rpm)
-            settle(kind, limit, amount, wait, left, headers, caller.who)  # raises the 429 if refused
-            if kind == "tokens":
-                ticket.tpm, ticket.tokens = limit, amount
-        return self._queue(call, ticket, high)
+            settle("tokens", tpm, estimate, wait, left, headers, caller.who)
+            ticket.tpm, ticket.tokens = tpm, estimate  # corrected with the real usage once the answer is in
+        return self._queue(call, ticket, limits.high)
 
-    async def _take_then_queue(self, call: Call, store: Store, ticket: Ticket, takes: list[Take], high: bool) -> None:
+    async def _take_then_queue(
+        self, call: Call, store: Store, ticket: Ticket, rpm: int | None, tpm: int | None, estimate: float, high: bool
+    ) -> None:
         """``before_request`` with a shared store (Redis): each take is a round trip."""
         caller = ticket.caller
-        for taken, (kind, limit, amount) in enumerate(takes):
+        if rpm is not None:
+            wait, left = await store.take_level(caller.buckets["requests"], 1.0, rpm / 60, rpm)
+            settle("requests", rpm, 1.0, wait, left, call.response_headers, caller.who)
+        if tpm is not None:
             try:
-                wait, left = await store.take_level(caller.buckets[kind], amount, limit / 60, limit)
-                settle(kind, limit, amount, wait, left, call.response_headers, caller.who)
-            except GatewayError:
-                if taken:
-                    await store.take(caller.buckets["requests"], -1, takes[0][1] / 60, takes[0][1])
+                wait, left = await store.take_level(caller.buckets["tokens"], estimate, tpm / 60, tpm)
+                settle("tokens", tpm, estimate, wait, left, call.response_headers, caller.who)
+            except GatewayError:  # refused: a refused request costs nothing
+                if rpm is not None:
+                    await store.take(caller.buckets["requests"], -1, rpm / 60, rpm)
                 raise
-            if kind == "tokens":  # corrected with the real usage once the answer is in
-                ticket.tpm, ticket.tokens = limit, amount
+            ticket.tpm, ticket.tokens = tpm, estimate
         waiting = self._queue(call, ticket, high)
         if waiting is not None:
             await waiting
 
-    def _takes(self, call: Call, ticket: Ticket, rpm: int | None, tpm: int | None) -> list[Take]:
-        """The buckets this call takes from: (kind, limit, amount)."""
-        takes: list[Take] = []
-        if rpm is not None:
-            takes.append(("requests", rpm, 1.0))
-        if tpm is not None:
-            estimate = self._estimate(call)
-            if estimate > tpm:
-                message = (
-                    f"rate limit: this request is estimated at {estimate:.0f} tokens, more than the {tpm} tokens "
-                    f"a minute allowed for {ticket.caller.who}; lower max_tokens or shorten the prompt"
-                )
-                raise GatewayError(429, message, code="request_too_large")
-            takes.append(("tokens", tpm, estimate))
-        return takes
-
-    def _ticket(self, call: Call) -> tuple[Ticket, int | None, int | None, int | None, bool]:
+    def _limits(self, call: Call) -> Limits:
+        """The caller's names and limits: a key's are kept until its Identity changes; an anonymous client's
+        (by address) and another plugin's idea of a caller are made each time."""
         identity, o = call.identity, self.options
         if identity is None:
             address = call.request.remote or "unknown"
-            ticket = Ticket(Caller.of(f"anon:{address}", f"anonymous client {address}"))
-            return ticket, o.anonymous_rpm, o.anonymous_tpm, o.anonymous_max_concurrency, False
+            caller = Caller.of(f"anon:{address}", f"anonymous client {address}")
+            return Limits(caller, o.anonymous_rpm, o.anonymous_tpm, o.anonymous_max_concurrency, False)
         if not isinstance(identity, Identity):  # another plugin's idea of a caller: its text is its key
-            ticket = Ticket(Caller.of(f"key:{identity}", f"key '{identity}'"))
-            return ticket, o.rpm, o.tpm, o.max_concurrency, False
-        caller = self.callers.get(identity.key_id)
-        if caller is None:  # a key's id and name never change (rotating keeps both)
-            if len(self.callers) >= 4096:  # keys come and go (rotated, revoked): never grow without bound
-                self.callers.clear()
-            caller = self.callers[identity.key_id] = Caller.of(f"key:{identity.key_id}", f"key '{identity.name}'")
-        ticket = Ticket(caller)
-        rpm, tpm, cap = identity.rpm or o.rpm, identity.tpm or o.tpm, identity.max_concurrency or o.max_concurrency
-        return ticket, rpm, tpm, cap, identity.priority == "high"
+            return Limits(Caller.of(f"key:{identity}", f"key '{identity}'"), o.rpm, o.tpm, o.max_concurrency, False)
+        if len(self.limits) >= 4096:  # keys come and go (rotated, revoked): never grow without bound
+            self.limits.clear()
+        limits = self.limits[identity.key_id] = Limits(
+            Caller.of(f"key:{identity.key_id}", f"key '{identity.name}'"),
+            identity.rpm or o.rpm, identity.tpm or o.tpm, identity.max_concurrency or o.max_concurrency,
+            identity.priority == "high", identity,
+        )  # fmt: skip
+        return limits
 
-    def _estimate(self, call: Call) -> float:
+    def _estimate(self, call: Call, tpm: int, caller: Caller) -> float:
+        """The call's tokens, estimated up front; a 429 if more than its key may ever take in a minute."""
         body = call.json
         completion = body.get("max_completion_tokens") or body.get("max_tokens")
         if call.endpoint == "embeddings":
             completion = 0
         elif not isinstance(completion, int) or completion < 0:
             completion = self.options.default_max_tokens
-        return len(call.body) / self.options.chars_per_token + completion
+        estimate = len(call.body) / self.options.chars_per_token + completion
+        if estimate > tpm:
+            message = (
+                f"rate limit: this request is estimated at {estimate:.0f} tokens, more than the {tpm} tokens "
+                f"a minute allowed for {caller.who}; lower max_tokens or shorten the prompt"
+            )
+            raise GatewayError(429, message, code="request_too_large")
+        return estimate
 
     # -- waiting for a backend slot ----------------------------------------------------------
 
@@ -341,7 +358,7 @@ class Plugin:
         """Give back, or take, the difference between the estimate and what the answer used."""
         usage = call.usage or {}
         used = usage.get("total_tokens")
-        if not isinstance(used, int | float):
+        if not isinstance(used, NUMBER):
             used = ticket.tokens if call.attempts else 0.0  # no usage reported: keep the estimate
         difference = used - ticket.tokens
         tpm = ticket.tpm
