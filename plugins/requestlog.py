@@ -14,12 +14,11 @@ shows one request; ``multiverse requests`` is the command line for both.
 from __future__ import annotations
 
 import json
-import json.encoder
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import orjson
 from aiohttp import web
 
 from gateway import hookimpl
@@ -63,14 +62,6 @@ WIDTH = len(WITHOUT_CONTENT)
 """Values ``request_complete`` queues a request (the FILTERED columns, then the detail), one more with
 ``store_content`` (what ``_content`` makes the prompt and completion from)."""
 _json = _json_text.encoder()
-quote: Callable[[str], str] = json.encoder.encode_basestring  # type: ignore[assignment]  # C: text as JSON
-DETAIL = "[%s,%s,%s,%s,%d,%s,%s,%s,%s,%s]"
-"""The ``detail`` column's JSON (``q.DETAIL``), made in the hook by one ``%`` (its attempts already JSON): no tuple
-a request kept for an encoder to walk at the flush (this and no ``before_request`` without ``store_content``:
-about 7,800 fewer instructions a request)."""
-DETAIL_USUAL = "[%s,%s,%s,%s,%d,%s,%s,%s,%s,[%d,%d,%d]]"
-"""The same, for a call its one attempt answered: the attempts are that attempt's three times."""
-NULL, TRUE, FALSE = "null", "true", "false"
 RAW_PER_CHAR = 64
 """Raw stream bytes kept per character of text: an SSE event carries a token or two in ~200 bytes."""
 
@@ -130,17 +121,21 @@ class Plugin:
         first_byte = call.first_byte_at
         attempts = call.attempts
         if len(attempts) == 1 and _usual(attempt := attempts[0], call):  # the row tells the rest: its three times
-            at = attempt.started  # in microseconds, truncated by %d as times() does by int()
-            told = (at - started) * 1e6, (attempt.first_byte - at) * 1e6, (attempt.ended - at) * 1e6  # type: ignore[operator]
-            form = DETAIL_USUAL
+            at = attempt.started  # in whole microseconds, as times() makes them
+            told: Any = (
+                int((at - started) * 1e6), int((attempt.first_byte - at) * 1e6), int((attempt.ended - at) * 1e6),  # type: ignore[operator]
+            )  # fmt: skip
         else:
-            told, form = (_json([story(attempt, started) for attempt in attempts]),), DETAIL
-        detail = form % (
-            NULL if remote is None else quote(remote), quote(call.endpoint), TRUE if call.stream else FALSE,
-            quote(call.route) if call.route else NULL, latency * 1e6,
-            NULL if first_byte is None else int((first_byte - started) * 1e6), NULL if prompt is None else prompt,
-            NULL if completion is None else completion, NULL if cache is None else quote(str(cache)), *told,
-        )  # fmt: skip  # q.DETAIL, in order, as _json would write them (ints and quoted text: no float)
+            told = [story(attempt, started) for attempt in attempts]
+        values = (
+            remote, call.endpoint, call.stream, call.route or None, int(latency * 1e6),
+            None if first_byte is None else int((first_byte - started) * 1e6), prompt, completion,
+            None if cache is None else str(cache), told,
+        )  # fmt: skip  # q.DETAIL, in order
+        try:
+            detail = orjson.dumps(values).decode()  # half the time of one % format with its texts quoted
+        except orjson.JSONEncodeError:  # text orjson refuses (a lone surrogate): json's encoder writes it escaped
+            detail = _json(values)
         row = (
             time.time() - latency, call.request_id, getattr(call.identity, "name", None), call.requested_model,
             call.model if backend else None, backend.name if backend else None, call.status, call.error, detail,

@@ -350,12 +350,14 @@ async def test_the_chunk_capture_is_registered_only_to_store_content(
          "usage": {"prompt_tokens": 7, "completion_tokens": "x"}},
         {"remote": "::1", "route": "round_robin", "cache": None, "stream": False, "first_byte": True,
          "usage": {"prompt_tokens": 7, "completion_tokens": 0}},
+        {"remote": "::1", "route": "\x00\x1f\x7f\u2028/\t", "cache": "😀", "stream": True, "first_byte": True,
+         "usage": {"prompt_tokens": 2**64, "completion_tokens": 1}},  # past orjson's 64 bits: json's encoder
     ],
 )  # fmt: skip
 async def test_the_detail_is_the_json_of_its_values(
     start_backend: StartBackend, start_gateway: StartGateway, odd: dict[str, Any]
 ) -> None:
-    """The hook writes ``detail`` by one format string, not an encoder: it must be the same JSON, whatever the
+    """The hook writes ``detail`` with orjson (json's encoder for what orjson refuses): the same JSON, whatever the
     text (quotes, backslashes, newlines, non-ASCII), a tag that is no text, and the missing values."""
     gateway = await start_gateway(await start_backend(), plugins={"requestlog": {}})
     state = gateway.state
