@@ -124,7 +124,8 @@ def test_quick_start_with_a_generated_admin_key(procs: list[Proc], tmp_path: Pat
 
     log = gateway.output()
     assert key not in log and "sk-student-secret-value" not in log
-    request_line = json.loads(next(line for line in log.splitlines() if '"event": "request"' in line))
+    lines = [json.loads(line) for line in log.splitlines() if line.startswith("{")]
+    request_line = next(line for line in lines if line.get("event") == "request")
     assert request_line["model"] == "echo" and request_line["status"] == 200 and request_line["attempts"] == 1
     assert request_line["backend"] == created["name"] == f"backend-{created['registration_id'][:8]}"
     assert request_line["latency_ms"] > 0

@@ -102,7 +102,7 @@ def test_on_loopback_there_is_no_network_warning(procs: list[Proc], tmp_path: Pa
     proc = Proc(["serve", "--config", str(_config(tmp_path, port))], tmp_path)
     procs.append(proc)
     proc.wait_ready(f"http://127.0.0.1:{port}/health")
-    assert f'"openai_base_urls": ["http://127.0.0.1:{port}/v1"]' in proc.output()
+    assert f'"openai_base_urls":["http://127.0.0.1:{port}/v1"]' in proc.output()
     assert "gateway_reachable_from_network" not in proc.output()
 
 
