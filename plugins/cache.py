@@ -33,19 +33,22 @@ _HEADER = "X-Multiverse-Cache"
 _json = _json_text.encoder(sort_keys=True)
 
 
-def _canonical(value: Any, raw: bytes) -> bytes:
-    """``value`` (parsed from ``raw``) as JSON with sorted keys and no spaces: equal requests give equal text.
+def _canonical(value: Any) -> bytes:
+    """``value`` as JSON with sorted keys and no spaces: equal requests give equal text, different ones different.
 
     orjson writes it 7 to 15 times faster than json (0.2 against 1.5 µs for a short chat, 0.3 against 5 µs
-    for 1 KB of prompt). It refuses what JSON cannot hold (integers past 64 bits, lone surrogates) and
-    writes NaN and Infinity, which Python's parser accepts, as null: those requests take json's text,
-    marked so that no orjson text can equal it.
+    for 1 KB of prompt), but writes NaN and infinity (which Python's parser makes of ``NaN``, ``1e999`` or
+    400 digits) as ``null``, and refuses integers past 64 bits and lone surrogates. So its text is taken
+    only when it has no ``null`` at all (then no value was turned into one), else json's, which writes
+    ``NaN`` and ``Infinity``, marked so that no orjson text can equal it.
     """
-    if b"NaN" not in raw and b"Infinity" not in raw:
-        try:
-            return orjson.dumps(value, option=orjson.OPT_SORT_KEYS)
-        except orjson.JSONEncodeError:
-            pass
+    try:
+        text = orjson.dumps(value, option=orjson.OPT_SORT_KEYS)
+    except orjson.JSONEncodeError:
+        pass
+    else:
+        if b"null" not in text:
+            return text
     return b"json:" + _json(value).encode("utf-8", "surrogatepass")
 
 
@@ -102,7 +105,7 @@ class Plugin:
         if not _IGNORED.isdisjoint(body):  # copy only when there is something to leave out
             body = {k: v for k, v in body.items() if k not in _IGNORED}
         who = getattr(call.identity, "key_id", None) if self.options.per_key else None
-        return "cache:" + hashlib.blake2b(_canonical([call.endpoint, who, body], call.body), digest_size=20).hexdigest()
+        return "cache:" + hashlib.blake2b(_canonical([call.endpoint, who, body]), digest_size=20).hexdigest()
 
     @hookimpl
     def answer_request(self, call: Call) -> web.Response | ChunkSource | Awaitable[Any] | None:

@@ -38,6 +38,7 @@ if TYPE_CHECKING:
     from gateway.state import Gateway
 
 UNLIMITED = None
+MOST_TOKENS = 2**53  # an estimate's bound: more than any tpm, and a float still
 NUMBER = (int, float)  # a tuple: isinstance against ``int | float`` builds the union each call
 
 
@@ -218,6 +219,8 @@ class Plugin:
             completion = 0
         elif not isinstance(completion, int) or completion < 0:
             completion = self.options.default_max_tokens
+        elif completion > MOST_TOKENS:  # past any float: 1e400 + 0.5 would raise (and the take never happen)
+            completion = MOST_TOKENS
         estimate = len(call.body) / self.options.chars_per_token + completion
         if estimate > tpm:
             message = (

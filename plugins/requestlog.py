@@ -134,7 +134,7 @@ class Plugin:
         )  # fmt: skip  # q.DETAIL, in order
         try:
             detail = orjson.dumps(values).decode()  # half the time of one % format with its texts quoted
-        except orjson.JSONEncodeError:  # text orjson refuses (a lone surrogate): json's encoder writes it escaped
+        except orjson.JSONEncodeError:  # what orjson refuses (a lone surrogate, 2**64 tokens): json's encoder writes it
             detail = _json(values)
         row = (
             time.time() - latency, call.request_id, getattr(call.identity, "name", None), call.requested_model,

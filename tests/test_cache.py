@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import aiohttp
@@ -152,31 +153,33 @@ async def test_the_same_request_with_its_fields_in_another_order_is_a_hit(
 
 
 def test_the_canonical_text_is_sorted_compact_json_of_any_request() -> None:
-    value = ["chat/completions", None, {"z": [1.5, True, None, {"b": 'é\n"', "a": -0.0}], "m": "✓"}]
-    shuffled = ["chat/completions", None, {"m": "✓", "z": [1.5, True, None, {"a": -0.0, "b": 'é\n"'}]}]
-    text = '["chat/completions",null,{"m":"✓","z":[1.5,true,null,{"a":-0.0,"b":"é\\n\\""}]}]'.encode()
-    assert _canonical(value, b"") == _canonical(shuffled, b"") == text
+    value = ["chat/completions", "k1", {"z": [1.5, True, {"b": 'é\n"', "a": -0.0}], "m": "✓"}]
+    shuffled = ["chat/completions", "k1", {"m": "✓", "z": [1.5, True, {"a": -0.0, "b": 'é\n"'}]}]
+    text = '["chat/completions","k1",{"m":"✓","z":[1.5,true,{"a":-0.0,"b":"é\\n\\""}]}]'.encode()
+    assert _canonical(value) == _canonical(shuffled) == text  # orjson's
     # what orjson refuses (an integer past 64 bits, a lone surrogate) gets json's text, marked apart
-    big = ["chat/completions", None, {"a": 10**30}]
-    assert _canonical(big, b"") == b'json:["chat/completions",null,{"a":1000000000000000000000000000000}]'
-    assert _canonical(["x", None, {"a": "\ud800"}], b"") == b'json:["x",null,{"a":"\xed\xa0\x80"}]'
-    # NaN, which Python's parser accepts and orjson would write as null, is not null
-    assert _canonical([1, float("nan")], b"[1,NaN]") == b"json:[1,NaN]" != _canonical([1, None], b"[1,null]")
+    big = ["chat/completions", "k1", {"a": 10**30}]
+    assert _canonical(big) == b'json:["chat/completions","k1",{"a":1000000000000000000000000000000}]'
+    assert _canonical(["x", {"a": "\ud800"}]) == b'json:["x",{"a":"\xed\xa0\x80"}]'
+    # orjson writes NaN and infinity as null: a text with null is json's, where they differ
+    assert _canonical([None, 1]) == b"json:[null,1]"
+    texts = {_canonical([x]) for x in (None, float("nan"), float("inf"), float("-inf"), json.loads("1e999"))}
+    assert texts == {b"json:[null]", b"json:[NaN]", b"json:[Infinity]", b"json:[-Infinity]"}
 
 
-async def test_a_request_with_nan_is_not_answered_with_the_one_with_null(
+async def test_a_request_with_nan_or_infinity_is_not_answered_with_the_one_with_null(
     start_backend: StartBackend, start_gateway: StartGateway
 ) -> None:
     backend = await start_backend(models=["echo"])
     gateway = await start_gateway(backend, plugins={"cache": {}})
     answers = []
     async with aiohttp.ClientSession() as session:
-        for top_p in (b"null", b"NaN", b"NaN"):
+        for top_p in (b"null", b"NaN", b"1e999", b"1" + b"0" * 400 + b".0", b"NaN", b"1e999"):  # the two: infinity
             body = b'{"model":"echo","messages":[{"role":"user","content":"hi"}],"seed":1,"top_p":' + top_p + b"}"
             headers = {"Content-Type": "application/json"}
             async with session.post(f"{gateway.base_url}/chat/completions", data=body, headers=headers) as response:
                 answers.append(response.headers["X-Multiverse-Cache"])
-    assert answers == ["miss", "miss", "hit"]
+    assert answers == ["miss", "miss", "miss", "hit", "hit", "hit"]
 
 
 def test_the_memory_lru_evicts_the_least_recently_used_by_size() -> None:

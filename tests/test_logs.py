@@ -68,14 +68,19 @@ def test_the_direct_request_line_keeps_the_level_threshold(json_logs: None, caps
 def test_a_line_orjson_refuses_is_written_by_json_and_nothing_is_lost(
     json_logs: None, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """Lines are orjson's compact JSON; a value it refuses (a lone surrogate from a client, an integer past 64
-    bits) falls back to json's encoder, through structlog's chain and the direct request line alike."""
+    """Lines are orjson's compact JSON; a line with text past ASCII (which a stdout in another encoding could not
+    take), or a value orjson refuses (a lone surrogate from a client, an integer past 64 bits), is json's,
+    escaped, through structlog's chain and the direct request line alike."""
     logs.configure("info", "json")
-    logs.get_logger("gateway").info("plain", model="é", latency_ms=1.5)
+    logs.get_logger("gateway").info("plain", model="m", latency_ms=1.5)
     logs.get_logger("gateway").info("odd", model="bad \ud800", tokens=2**64, where=object)
     logs.request_line(logs.get_logger("gateway"), logging.INFO, "request", {"model": "x\udfff", "n": -(2**70)})
-    plain, odd, request = capsys.readouterr().out.splitlines()
-    assert plain.startswith('{"model":"é","latency_ms":1.5,"event":"plain"')  # compact, text as it is
+    logs.request_line(logs.get_logger("gateway"), logging.INFO, "request", {"model": "日本é"})
+    out = capsys.readouterr().out
+    assert out.isascii()
+    plain, odd, request, other_script = out.splitlines()
+    assert plain.startswith('{"model":"m","latency_ms":1.5,"event":"plain"')  # compact
     assert json.loads(odd)["model"] == "bad \ud800" and json.loads(odd)["tokens"] == 2**64
     assert json.loads(odd)["where"] == "<class 'object'>"  # structlog's fallback for what JSON has no form of
     assert json.loads(request)["model"] == "x\udfff" and json.loads(request)["n"] == -(2**70)
+    assert other_script.startswith('{"model":"\\u65e5\\u672c\\u00e9","event":"request"')

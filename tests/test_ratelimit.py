@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 from typing import Any
 
 import aiohttp
@@ -10,7 +11,8 @@ import openai
 import pytest
 
 from gateway.store import MemoryStore
-from tests.conftest import RunningGateway, StartBackend, StartGateway, eventually
+from tests.conftest import ADMIN_KEY, RunningGateway, StartBackend, StartGateway, eventually
+from tests.test_auth import issue
 
 KEYS = "tests.keys_plugin"
 MESSAGES = [{"role": "user", "content": "the quick brown fox"}]
@@ -151,3 +153,35 @@ async def test_explain_takes_nothing(start_backend: StartBackend, start_gateway:
             async with session.post(gateway.url + "/v1/route/explain", json=body, headers=headers) as response:
                 assert response.status == 200
     assert (await _chat(gateway.url, "hal,rpm=1"))[0] == 200
+
+
+async def test_a_keys_limits_are_kept_while_its_identity_lasts_and_redone_when_it_changes(
+    start_backend: StartBackend, start_gateway: StartGateway
+) -> None:
+    """The real auth plugin hands out one Identity per key until the keys table changes; ratelimit works a key's
+    limits out once for it, and again for the new one (here an rpm raised in the database)."""
+    gateway = await start_gateway(
+        await start_backend(), plugins={"auth": {"refresh_interval": 0.1}, "ratelimit": {"max_queue_wait": 1}}
+    )
+    created = await issue(gateway, name="ana", role="user", rpm=2)
+    statuses = [(await _chat(gateway.url, created["key"]))[0] for _ in range(3)]
+    assert statuses == [200, 200, 429]
+    database = sqlite3.connect(gateway.state.config.database_path)
+    try:
+        database.execute("UPDATE auth_keys SET rpm = 100 WHERE id = ?", (created["id"],))
+        database.commit()
+    finally:
+        database.close()
+
+    for _ in range(30):  # auth reloads the table within 0.1 s
+        await asyncio.sleep(0.1)
+        status, _, headers = await _chat(gateway.url, created["key"])
+        if status == 200:
+            break
+    assert status == 200 and headers["x-ratelimit-limit-requests"] == "100"
+    # a bound on the estimate: a max_tokens past any float counts as too large, never as a hook's failure
+    status, refused, _ = await _chat(gateway.url, ADMIN_KEY, max_tokens=10**400)
+    assert status == 200  # the admin key has no tpm: nothing to estimate
+    big = await issue(gateway, name="bo", role="user", tpm=1000)
+    status, refused, _ = await _chat(gateway.url, big["key"], max_tokens=10**400)
+    assert status == 429 and refused["error"]["code"] == "request_too_large", refused
