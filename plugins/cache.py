@@ -104,7 +104,7 @@ class Plugin:
         body = call.json
         if not _IGNORED.isdisjoint(body):  # copy only when there is something to leave out
             body = {k: v for k, v in body.items() if k not in _IGNORED}
-        who = getattr(call.identity, "key_id", None) if self.options.per_key else None
+        who = (getattr(call.identity, "key_id", None) or "") if self.options.per_key else ""  # no null: see _canonical
         return "cache:" + hashlib.blake2b(_canonical([call.endpoint, who, body]), digest_size=20).hexdigest()
 
     @hookimpl

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from typing import Any
 
 import aiohttp
 import openai
+import orjson
 import pytest
+from aiohttp.test_utils import make_mocked_request
 
+from gateway.call import Call
 from gateway.store import MemoryStore
 from plugins._cache_entries import Entry, MemoryLRU
 from plugins.cache import _canonical
@@ -201,3 +205,19 @@ def test_an_entry_round_trips_through_bytes_and_a_damaged_value_is_refused() -> 
     entry = Entry(True, (b"data: 1\n\n", b"", b"data: [DONE]\n\n"), {"prompt_tokens": 1})
     assert Entry.decode(entry.encode()) == entry
     assert Entry.decode(entry.encode()[:-3]) is None and Entry.decode(b"\x80garbage") is None
+
+
+@pytest.mark.parametrize("per_key", [False, True])
+async def test_a_usual_requests_key_is_orjsons_text(
+    start_backend: StartBackend, start_gateway: StartGateway, per_key: bool
+) -> None:
+    """The fast path: a request without null, NaN or infinity is keyed by orjson's text, with or without
+    ``per_key`` (json's text, 7 to 15 times slower, only where orjson's would be ambiguous)."""
+    gateway = await start_gateway(await start_backend(), plugins={"cache": {"per_key": per_key}})
+    body = {"model": "echo", "messages": [{"role": "user", "content": "hi"}], "temperature": 0}
+    request = make_mocked_request("POST", "/v1/chat/completions")
+    call = Call(gateway.state, request, "k-1", "chat/completions", b"", body)
+    cache = gateway.state.plugins.pm.get_plugin("cache")
+    text = orjson.dumps(["chat/completions", "", body], option=orjson.OPT_SORT_KEYS)
+    assert not text.startswith(b"json:") and b"null" not in text
+    assert cache.key(call) == "cache:" + hashlib.blake2b(text, digest_size=20).hexdigest()
