@@ -189,7 +189,10 @@ def _finish(gateway: Gateway, call: Call, response: web.StreamResponse | None) -
     failed = call.status >= 500 or call.error is not None
     if failed:
         gateway.requests_failed += 1
-    _log_line(gateway, call, failed)
+    try:  # noqa: SIM105  # not contextlib.suppress: an object a request, for an error that almost never comes
+        _log_line(gateway, call, failed)
+    except (OSError, ValueError):  # stdout closed or a broken pipe: the line is lost, the answer and observers are not
+        pass
     observe(gateway, call)
 
 

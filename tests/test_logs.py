@@ -2,20 +2,27 @@
 
 from __future__ import annotations
 
+import io
 import json
 import logging
+import sys
 from collections.abc import Iterator
 
+import aiohttp
 import pytest
 import structlog
 
 from gateway import logs
+from tests.conftest import StartBackend, StartGateway
 
 
 @pytest.fixture
 def json_logs() -> Iterator[None]:
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
     yield
     structlog.reset_defaults()
+    root.handlers, root.level = handlers, level  # configure() pointed them at this test's stdout
 
 
 def test_secrets_are_redacted_by_key_and_in_text(json_logs: None, capsys: pytest.CaptureFixture[str]) -> None:
@@ -84,3 +91,28 @@ def test_a_line_orjson_refuses_is_written_by_json_and_nothing_is_lost(
     assert json.loads(odd)["where"] == "<class 'object'>"  # structlog's fallback for what JSON has no form of
     assert json.loads(request)["model"] == "x\udfff" and json.loads(request)["n"] == -(2**70)
     assert other_script.startswith('{"model":"\\u65e5\\u672c\\u00e9","event":"request"')
+
+
+async def test_a_log_that_cannot_be_written_still_lets_the_observers_release_the_call(
+    json_logs: None, monkeypatch: pytest.MonkeyPatch, start_backend: StartBackend, start_gateway: StartGateway
+) -> None:
+    """``multiverse serve | head``: once the pipe is closed every log line fails. The request's observers run all
+    the same: ratelimit gives its concurrency slot back, so a key capped at one request at once is not locked
+    out for good after its first."""
+    closed = io.StringIO()
+    closed.close()
+    monkeypatch.setattr(sys, "stdout", closed)
+    logs.configure("info", "json")
+    gateway = await start_gateway(
+        await start_backend(), plugins={"tests.keys_plugin": None, "ratelimit": {"max_concurrency": 1}}
+    )
+    statuses = []
+    async with aiohttp.ClientSession() as session:
+        for _ in range(3):
+            body = {"model": "echo", "messages": [{"role": "user", "content": "hi"}]}
+            async with session.post(
+                gateway.url + "/v1/chat/completions", json=body, headers={"Authorization": "Bearer ana"}
+            ) as response:
+                statuses.append(response.status)
+    assert statuses == [200, 200, 200]
+    assert gateway.state.plugins.pm.get_plugin("ratelimit").running == {}
