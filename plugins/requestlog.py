@@ -120,11 +120,9 @@ class Plugin:
         started = call.started
         first_byte = call.first_byte_at
         attempts = call.attempts
-        if len(attempts) == 1 and _usual(attempt := attempts[0], call):  # the row tells the rest: its three times
-            at = attempt.started  # in whole microseconds, as times() makes them
-            told: Any = (
-                int((at - started) * 1e6), int((attempt.first_byte - at) * 1e6), int((attempt.ended - at) * 1e6),  # type: ignore[operator]
-            )  # fmt: skip
+        told: Any
+        if len(attempts) == 1 and _usual(attempts[0], call):  # the row tells the rest: its three times
+            told = times(attempts[0], started)
         else:
             told = [story(attempt, started) for attempt in attempts]
         values = (
