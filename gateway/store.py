@@ -8,7 +8,12 @@ budget and share one cache. Plugins get the gateway's store as ``gateway.store``
 from __future__ import annotations
 
 import time
+from time import monotonic
 from typing import Protocol
+
+PRUNE_EVERY = 4096  # writes between two prunes of a MemoryStore: a power of two, so that a mask tells when
+PRUNE_MASK = PRUNE_EVERY - 1
+INFINITY = float("inf")
 
 
 class Store(Protocol):
@@ -53,8 +58,6 @@ class MemoryStore:
     ``PRUNE_EVERY`` writes, so callers that come and go (anonymous clients) do not add up.
     """
 
-    PRUNE_EVERY = 4096
-
     def __init__(self) -> None:
         self._buckets: dict[str, tuple[float, float, float]] = {}  # key -> (tokens, when, full again at)
         self._counters: dict[str, tuple[float, float | None]] = {}
@@ -73,7 +76,7 @@ class MemoryStore:
         self, key: str, amount: float, rate: float, capacity: float, force: bool = False
     ) -> tuple[float, float]:
         """``take_level`` without a coroutine: for a plugin's synchronous path when the store is this one."""
-        now = time.monotonic()  # _level and _wrote inlined: this runs for every bucket of every request
+        now = monotonic()  # _level and _wrote inlined: this runs for every bucket of every request
         found = self._buckets.get(key)
         if found is None:  # conditionals, not min(): a call to a builtin costs more than the comparison
             tokens = capacity
@@ -81,19 +84,18 @@ class MemoryStore:
             tokens = found[0] + (now - found[1]) * rate
             if tokens > capacity:
                 tokens = capacity
-        taken = amount <= tokens or amount <= 0 or force
-        if taken:
+        if amount <= tokens or force or amount <= 0:
             tokens -= amount
             if tokens > capacity:  # a negative amount (tokens given back) never fills past the capacity
                 tokens = capacity
-        full_at = now + (capacity - tokens) / rate if rate > 0 else float("inf")
-        self._buckets[key] = (tokens, now, full_at)
-        self._writes += 1
-        if self._writes % self.PRUNE_EVERY == 0:
+            wait = 0.0
+        else:
+            wait = (amount - tokens) / rate if rate > 0 else INFINITY
+        self._buckets[key] = (tokens, now, now + (capacity - tokens) / rate if rate > 0 else INFINITY)
+        writes = self._writes = self._writes + 1
+        if not writes & PRUNE_MASK:
             self.prune(now)
-        if taken:
-            return 0.0, tokens
-        return ((amount - tokens) / rate if rate > 0 else float("inf")), tokens
+        return wait, tokens
 
     async def peek(self, key: str, rate: float, capacity: float) -> float:
         return self._level(key, rate, capacity)[0]
@@ -104,8 +106,8 @@ class MemoryStore:
         return min(capacity, tokens + (now - last) * rate), now
 
     def _wrote(self, now: float) -> None:
-        self._writes += 1
-        if self._writes % self.PRUNE_EVERY == 0:
+        writes = self._writes = self._writes + 1
+        if not writes & PRUNE_MASK:
             self.prune(now)
 
     def prune(self, now: float | None = None) -> None:

@@ -1,33 +1,48 @@
-"""Token buckets as the ratelimit plugin uses them: names, and OpenAI's x-ratelimit-* headers from a take."""
+"""Token buckets as the ratelimit plugin uses them: one caller's bucket of one kind, and OpenAI's x-ratelimit-*
+headers from a take."""
 
 from __future__ import annotations
 
-import functools
 import math
+from dataclasses import dataclass
 
 from gateway.errors import GatewayError
 
-_HEADERS = {
-    kind: (f"x-ratelimit-limit-{kind}", f"x-ratelimit-remaining-{kind}", f"x-ratelimit-reset-{kind}")
-    for kind in ("requests", "tokens")
-}
+
+@dataclass(frozen=True, slots=True)
+class Bucket:
+    """A caller's requests or tokens bucket, worked out once per key: its name in the store, its limit a
+    minute, its refill a second, and its headers' names and limit text, so that a take formats only numbers."""
+
+    kind: str  # "requests" or "tokens"
+    name: str  # in gateway.store
+    limit: int  # a minute
+    rate: float  # refilled a second
+    who: str  # the caller, as a refusal names it
+    limit_text: str
+    headers: tuple[str, str, str]  # x-ratelimit-limit-, -remaining-, -reset-<kind>
+
+    @classmethod
+    def of(cls, kind: str, key: str, limit: int, who: str) -> Bucket:
+        headers = (f"x-ratelimit-limit-{kind}", f"x-ratelimit-remaining-{kind}", f"x-ratelimit-reset-{kind}")
+        return cls(kind, bucket(kind, key), limit, limit / 60, who, str(limit), headers)
 
 
 def bucket(kind: str, key: str) -> str:
     return f"ratelimit:{kind}:{key}"
 
 
-def settle(kind: str, limit: int, amount: float, wait: float, left: float, headers: dict[str, str], who: str) -> None:
+def settle(bucket: Bucket, amount: float, wait: float, left: float, headers: dict[str, str]) -> None:
     """Set a bucket's x-ratelimit-* headers from a take's answer (``wait``, tokens ``left``); a 429 if it refused."""
-    names = _HEADERS[kind]
-    headers[names[0]] = _text(limit)
-    headers[names[1]] = str(int(left)) if left >= 1 else "0"  # int() of a positive number: its floor
-    reset = (limit - left) * 60 / limit if wait == 0 else wait
-    headers[names[2]] = f"{round(reset * 1000)}ms" if 0 <= reset < 1 else duration(reset)  # duration's usual case
+    limit_name, remaining_name, reset_name = bucket.headers
+    headers[limit_name] = bucket.limit_text
+    headers[remaining_name] = str(int(left)) if left >= 1 else "0"  # int() of a positive number: its floor
+    reset = wait or (bucket.limit - left) / bucket.rate  # refused: when this request's amount is there
+    headers[reset_name] = f"{round(reset * 1000)}ms" if 0 <= reset < 1 else duration(reset)  # duration's usual case
     if wait:
         seconds = max(1, math.ceil(wait))
-        what = f"{limit} {kind} a minute for {who}"
-        if kind == "tokens":
+        what = f"{bucket.limit} {bucket.kind} a minute for {bucket.who}"
+        if bucket.kind == "tokens":
             what += f" (this request: about {amount:.0f})"
         refusal = GatewayError(
             429,
@@ -36,12 +51,6 @@ def settle(kind: str, limit: int, amount: float, wait: float, left: float, heade
             headers={**headers, "Retry-After": str(seconds)},
         )
         raise refusal
-
-
-@functools.lru_cache(maxsize=256)
-def _text(limit: int) -> str:
-    """A limit as its header shows it: the same few limits every request, formatted once."""
-    return str(limit)
 
 
 def duration(seconds: float) -> str:

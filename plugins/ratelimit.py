@@ -29,7 +29,7 @@ from gateway.errors import GatewayError
 from gateway.identity import Identity
 from gateway.store import MemoryStore, Store
 from gateway.validate import positive
-from plugins._buckets import bucket, settle
+from plugins._buckets import Bucket, settle
 from plugins.fair_share import FairQueue, Waiter
 
 if TYPE_CHECKING:
@@ -79,40 +79,39 @@ class Options:
 
 
 @dataclass(frozen=True, slots=True)
-class Caller:
-    """A caller's names, worked out once: its key in buckets and counts, how messages name it, its buckets."""
+class Limits:
+    """What applies to a caller, worked out once for a key's ``Identity`` (auth makes a new one when the key
+    changes; ``identity`` tells a stale entry): its key in counts, its buckets (None: no limit of that kind)."""
 
     key: str
     who: str
-    buckets: dict[str, str]
-
-    @classmethod
-    def of(cls, key: str, who: str) -> Caller:
-        return cls(key, who, {kind: bucket(kind, key) for kind in ("requests", "tokens")})
-
-
-@dataclass(frozen=True, slots=True)
-class Limits:
-    """What applies to a caller (None: no limit of that kind), worked out once for a key's ``Identity`` (auth
-    makes a new one when the key changes; ``identity`` tells a stale entry)."""
-
-    caller: Caller
-    rpm: int | None
-    tpm: int | None
+    requests: Bucket | None
+    tokens: Bucket | None
     cap: int | None
     high: bool
     identity: Identity | None = None
 
+    @classmethod
+    def of(
+        cls, key: str, who: str, rpm: int | None, tpm: int | None, cap: int | None, high: bool = False,
+        identity: Identity | None = None,
+    ) -> Limits:  # fmt: skip
+        requests = Bucket.of("requests", key, rpm, who) if rpm is not None else None
+        tokens = Bucket.of("tokens", key, tpm, who) if tpm is not None else None
+        return cls(key, who, requests, tokens, cap, high, identity)
 
-@dataclass(slots=True)
+
 class Ticket:
     """What this plugin took for one call, so that ``request_complete`` gives back exactly that."""
 
-    caller: Caller
-    tpm: int | None = None  # the tpm bucket's limit, when tokens were taken from it
-    tokens: float = 0.0  # taken from the tpm bucket: corrected with the real usage once the answer is in
-    concurrent: bool = False  # counted in the key's requests at once
-    held: Backend | None = None  # a backend slot reserved until the call is routed
+    __slots__ = ("held", "key", "limits", "tokens", "tpm")
+
+    def __init__(self, limits: Limits) -> None:
+        self.limits = limits
+        self.key = limits.key  # counted in the key's requests at once
+        self.tpm: Bucket | None = None  # the tokens bucket, when tokens were taken from it
+        self.tokens = 0.0  # taken from it: corrected with the real usage once the answer is in
+        self.held: Backend | None = None  # a backend slot reserved until the call is routed
 
 
 class Plugin:
@@ -122,6 +121,8 @@ class Plugin:
         self.running: dict[str, int] = {}  # key -> its calls queued or in flight
         self.held: dict[str, int] = {}  # backend id -> slots reserved for admitted calls not yet routed
         self.limits: dict[str, Limits] = {}  # key id -> its names and limits, for its current Identity
+        self.tokens_per_byte = 1 / self.options.chars_per_token
+        self.default_completion = self.options.default_max_tokens
         self.gateway: Gateway | None = None
 
     @hookimpl
@@ -139,56 +140,57 @@ class Plugin:
     def before_request(self, call: Call) -> Awaitable[None] | None:
         """Synchronous with the in-process store and a free backend (the usual case): no coroutine to run."""
         identity = call.identity
-        limits = self.limits.get(identity.key_id) if identity.__class__ is Identity else None  # type: ignore[union-attr]
+        limits = self.limits.get(identity.key_id) if identity.__class__ is Identity else None
         if limits is None or limits.identity is not identity:
             limits = self._limits(call)
-        caller, rpm, tpm, cap = limits.caller, limits.rpm, limits.tpm, limits.cap
+        requests, tokens, cap = limits.requests, limits.tokens, limits.cap
         if call.dry_run:
-            call.explain["ratelimit"] = {"key": caller.who, "rpm": rpm, "tpm": tpm, "max_concurrency": cap}
+            call.explain["ratelimit"] = {
+                "key": limits.who, "rpm": requests and requests.limit, "tpm": tokens and tokens.limit,
+                "max_concurrency": cap,
+            }  # fmt: skip
             return None
-        key = caller.key
+        key = limits.key
         running = self.running.get(key, 0)
         if cap is not None and running >= cap:
-            message = f"rate limit: at most {cap} requests at once for {caller.who}; wait for one to finish"
+            message = f"rate limit: at most {cap} requests at once for {limits.who}; wait for one to finish"
             raise GatewayError(429, message, code="rate_limit_exceeded", headers={"Retry-After": "1"})
         self.running[key] = running + 1
-        ticket = call.state["ratelimit"] = Ticket(caller, concurrent=True)
-        if rpm is None and tpm is None:
+        ticket = call.state["ratelimit"] = Ticket(limits)
+        if requests is None and tokens is None:
             return self._queue(call, ticket, limits.high)
-        estimate = 0.0 if tpm is None else self._estimate(call, tpm, caller)
+        estimate = 0.0 if tokens is None else self._estimate(call, tokens)
         store = call.gateway.store
-        if not isinstance(store, MemoryStore):
-            return self._take_then_queue(call, store, ticket, rpm, tpm, estimate, limits.high)
-        buckets, headers = caller.buckets, call.response_headers
-        if rpm is not None:
-            wait, left = store.take_now(buckets["requests"], 1.0, rpm / 60, rpm)
-            settle("requests", rpm, 1.0, wait, left, headers, caller.who)  # raises the 429 if refused
-        if tpm is not None:
-            wait, left = store.take_now(buckets["tokens"], estimate, tpm / 60, tpm)
-            if wait and rpm is not None:  # refused: a refused request costs nothing
-                store.take_now(buckets["requests"], -1, rpm / 60, rpm)
-            settle("tokens", tpm, estimate, wait, left, headers, caller.who)
-            ticket.tpm, ticket.tokens = tpm, estimate  # corrected with the real usage once the answer is in
+        if store.__class__ is not MemoryStore:
+            return self._take_then_queue(call, store, ticket, estimate)
+        headers = call.response_headers
+        if requests is not None:
+            wait, left = store.take_now(requests.name, 1.0, requests.rate, requests.limit)
+            settle(requests, 1.0, wait, left, headers)  # raises the 429 if refused
+        if tokens is not None:
+            wait, left = store.take_now(tokens.name, estimate, tokens.rate, tokens.limit)
+            if wait and requests is not None:  # refused: a refused request costs nothing
+                store.take_now(requests.name, -1, requests.rate, requests.limit)
+            settle(tokens, estimate, wait, left, headers)
+            ticket.tpm, ticket.tokens = tokens, estimate  # corrected with the real usage once the answer is in
         return self._queue(call, ticket, limits.high)
 
-    async def _take_then_queue(
-        self, call: Call, store: Store, ticket: Ticket, rpm: int | None, tpm: int | None, estimate: float, high: bool
-    ) -> None:
+    async def _take_then_queue(self, call: Call, store: Store, ticket: Ticket, estimate: float) -> None:
         """``before_request`` with a shared store (Redis): each take is a round trip."""
-        caller = ticket.caller
-        if rpm is not None:
-            wait, left = await store.take_level(caller.buckets["requests"], 1.0, rpm / 60, rpm)
-            settle("requests", rpm, 1.0, wait, left, call.response_headers, caller.who)
-        if tpm is not None:
+        requests, tokens = ticket.limits.requests, ticket.limits.tokens
+        if requests is not None:
+            wait, left = await store.take_level(requests.name, 1.0, requests.rate, requests.limit)
+            settle(requests, 1.0, wait, left, call.response_headers)
+        if tokens is not None:
             try:
-                wait, left = await store.take_level(caller.buckets["tokens"], estimate, tpm / 60, tpm)
-                settle("tokens", tpm, estimate, wait, left, call.response_headers, caller.who)
+                wait, left = await store.take_level(tokens.name, estimate, tokens.rate, tokens.limit)
+                settle(tokens, estimate, wait, left, call.response_headers)
             except GatewayError:  # refused: a refused request costs nothing
-                if rpm is not None:
-                    await store.take(caller.buckets["requests"], -1, rpm / 60, rpm)
+                if requests is not None:
+                    await store.take(requests.name, -1, requests.rate, requests.limit)
                 raise
-            ticket.tpm, ticket.tokens = tpm, estimate
-        waiting = self._queue(call, ticket, high)
+            ticket.tpm, ticket.tokens = tokens, estimate
+        waiting = self._queue(call, ticket, ticket.limits.high)
         if waiting is not None:
             await waiting
 
@@ -198,34 +200,34 @@ class Plugin:
         identity, o = call.identity, self.options
         if identity is None:
             address = call.request.remote or "unknown"
-            caller = Caller.of(f"anon:{address}", f"anonymous client {address}")
-            return Limits(caller, o.anonymous_rpm, o.anonymous_tpm, o.anonymous_max_concurrency, False)
+            who = f"anonymous client {address}"
+            return Limits.of(f"anon:{address}", who, o.anonymous_rpm, o.anonymous_tpm, o.anonymous_max_concurrency)
         if not isinstance(identity, Identity):  # another plugin's idea of a caller: its text is its key
-            return Limits(Caller.of(f"key:{identity}", f"key '{identity}'"), o.rpm, o.tpm, o.max_concurrency, False)
+            return Limits.of(f"key:{identity}", f"key '{identity}'", o.rpm, o.tpm, o.max_concurrency)
         if len(self.limits) >= 4096:  # keys come and go (rotated, revoked): never grow without bound
             self.limits.clear()
-        limits = self.limits[identity.key_id] = Limits(
-            Caller.of(f"key:{identity.key_id}", f"key '{identity.name}'"),
+        limits = self.limits[identity.key_id] = Limits.of(
+            f"key:{identity.key_id}", f"key '{identity.name}'",
             identity.rpm or o.rpm, identity.tpm or o.tpm, identity.max_concurrency or o.max_concurrency,
             identity.priority == "high", identity,
         )  # fmt: skip
         return limits
 
-    def _estimate(self, call: Call, tpm: int, caller: Caller) -> float:
+    def _estimate(self, call: Call, tokens: Bucket) -> float:
         """The call's tokens, estimated up front; a 429 if more than its key may ever take in a minute."""
         body = call.json
         completion = body.get("max_completion_tokens") or body.get("max_tokens")
         if call.endpoint == "embeddings":
             completion = 0
-        elif not isinstance(completion, int) or completion < 0:
-            completion = self.options.default_max_tokens
+        elif completion.__class__ is not int or completion < 0:  # bool, float, text or absent: the default
+            completion = self.default_completion
         elif completion > MOST_TOKENS:  # past any float: 1e400 + 0.5 would raise (and the take never happen)
             completion = MOST_TOKENS
-        estimate = len(call.body) / self.options.chars_per_token + completion
-        if estimate > tpm:
+        estimate = len(call.body) * self.tokens_per_byte + completion
+        if estimate > tokens.limit:
             message = (
-                f"rate limit: this request is estimated at {estimate:.0f} tokens, more than the {tpm} tokens "
-                f"a minute allowed for {caller.who}; lower max_tokens or shorten the prompt"
+                f"rate limit: this request is estimated at {estimate:.0f} tokens, more than the {tokens.limit} "
+                f"tokens a minute allowed for {tokens.who}; lower max_tokens or shorten the prompt"
             )
             raise GatewayError(429, message, code="request_too_large")
         return estimate
@@ -245,7 +247,7 @@ class Plugin:
         return self._wait_for_slot(call, ticket, high)
 
     async def _wait_for_slot(self, call: Call, ticket: Ticket, high: bool) -> None:
-        waiter = Waiter(ticket.caller.key, call.model, high)
+        waiter = Waiter(ticket.key, call.model, high)
         queued_at = time.perf_counter()
         admitted = False
         closed = asyncio.ensure_future(peer_closed(call.request).wait())
@@ -262,7 +264,7 @@ class Plugin:
             wait = self.options.max_queue_wait
             message = (
                 f"model '{call.model}' is busy: every backend serving it is at its max_concurrency and this "
-                f"request waited {wait:g} s (max_queue_wait) in {ticket.caller.who}'s queue; retry in a few seconds"
+                f"request waited {wait:g} s (max_queue_wait) in {ticket.limits.who}'s queue; retry in a few seconds"
             )
             raise GatewayError(429, message, code="queue_timeout", headers={"Retry-After": "5"}) from None
         finally:
@@ -343,32 +345,31 @@ class Plugin:
         ticket: Ticket | None = call.state.pop("ratelimit", None)
         if ticket is None:
             return None
-        if ticket.concurrent:
-            key = ticket.caller.key
-            left = self.running[key] - 1
-            if left:
-                self.running[key] = left
-            else:
-                del self.running[key]
+        key = ticket.key
+        left = self.running[key] - 1
+        if left:
+            self.running[key] = left
+        else:
+            del self.running[key]
         if ticket.held is not None:  # refused or answered before routing: the slot was never used
             self.held[ticket.held.id] -= 1
         if self.queue.count:
             self.queue.dispatch(self._admit)
-        return self._correct_tokens(call, ticket) if ticket.tpm else None
+        return self._correct_tokens(call, ticket) if ticket.tpm is not None else None
 
     @staticmethod
     def _correct_tokens(call: Call, ticket: Ticket) -> Awaitable[Any] | None:
         """Give back, or take, the difference between the estimate and what the answer used."""
-        usage = call.usage or {}
-        used = usage.get("total_tokens")
-        if not isinstance(used, NUMBER):
+        usage = call.usage
+        used = usage.get("total_tokens") if usage else None
+        if used.__class__ is not int and not isinstance(used, NUMBER):
             used = ticket.tokens if call.attempts else 0.0  # no usage reported: keep the estimate
         difference = used - ticket.tokens
-        tpm = ticket.tpm
-        if not difference or not tpm:
+        tokens = ticket.tpm
+        if not difference or tokens is None:
             return None
-        store, name = call.gateway.store, ticket.caller.buckets["tokens"]
-        if isinstance(store, MemoryStore):
-            store.take_now(name, difference, tpm / 60, tpm, force=True)
+        store = call.gateway.store
+        if store.__class__ is MemoryStore:
+            store.take_now(tokens.name, difference, tokens.rate, tokens.limit, force=True)
             return None
-        return store.take(name, difference, tpm / 60, tpm, force=True)
+        return store.take(tokens.name, difference, tokens.rate, tokens.limit, force=True)
