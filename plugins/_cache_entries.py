@@ -54,37 +54,37 @@ class MemoryLRU:
         self.max_bytes = max_bytes
         self.bytes = 0
         self.evictions = 0
-        self._entries: OrderedDict[str, tuple[Entry, float]] = OrderedDict()
+        self._entries: OrderedDict[bytes | str, tuple[Entry, float, int]] = OrderedDict()  # entry, expiry, size
 
     def __len__(self) -> int:
         return len(self._entries)
 
-    def __contains__(self, key: str) -> bool:
+    def __contains__(self, key: bytes | str) -> bool:
         return key in self._entries
 
-    def get(self, key: str) -> Entry | None:
+    def get(self, key: bytes | str) -> Entry | None:
         found = self._entries.get(key)
         if found is None:
             return None
-        entry, expires = found
+        entry, expires, _ = found
         if expires <= time.monotonic():
             self._remove(key)
             return None
         self._entries.move_to_end(key)
         return entry
 
-    def put(self, key: str, entry: Entry, ttl: float) -> None:
-        if entry.size > self.max_bytes:
+    def put(self, key: bytes | str, entry: Entry, ttl: float) -> None:
+        size = entry.size + len(key)  # a key is the request's text: it can weigh as much as the answer
+        if size > self.max_bytes:
             return
         if key in self._entries:
             self._remove(key)
-        self._entries[key] = (entry, time.monotonic() + ttl)
-        self.bytes += entry.size
+        self._entries[key] = (entry, time.monotonic() + ttl, size)
+        self.bytes += size
         while self.bytes > self.max_bytes:
             oldest = next(iter(self._entries))
             self._remove(oldest)
             self.evictions += 1
 
-    def _remove(self, key: str) -> None:
-        entry, _ = self._entries.pop(key)
-        self.bytes -= entry.size
+    def _remove(self, key: bytes | str) -> None:
+        self.bytes -= self._entries.pop(key)[2]

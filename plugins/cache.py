@@ -75,6 +75,7 @@ class Plugin:
         self.options = options or Options()
         self.memory = MemoryLRU(int(self.options.max_mb * 2**20))
         self.max_entry = int(self.options.max_entry_mb * 2**20)
+        self.endpoints = frozenset(self.options.endpoints)
         self.store: Any = None
         self.hits = self.misses = 0
 
@@ -86,10 +87,17 @@ class Plugin:
     @hookimpl(tryfirst=True)
     def before_request(self, call: Call) -> None:
         """Decide before any plugin changes the body: the key is the request as the client sent it."""
-        if call.dry_run or call.endpoint not in self.options.endpoints:
+        if call.dry_run or call.endpoint not in self.endpoints:
             return
-        control = call.request.headers.get("Cache-Control", "").lower()
+        control = call.request.headers.get("Cache-Control")
         body = call.json
+        if control is None:  # the usual request: no cache directive to read
+            if self.options.only_deterministic and body.get("temperature") != 0 and body.get("seed") is None:
+                _tag(call, "bypass")
+            else:
+                call.state["cache.key"] = self.key(call)
+            return
+        control = control.lower()
         deterministic = body.get("temperature") == 0 or body.get("seed") is not None
         if "no-store" in control or (self.options.only_deterministic and not deterministic):
             _tag(call, "bypass")
@@ -100,22 +108,24 @@ class Plugin:
             call.state["cache.refresh"] = True
             self._record(call)
 
-    def key(self, call: Call) -> str:
+    def key(self, call: Call) -> bytes:
+        """The request's canonical text: the memory cache's key as it is (equal text, equal request: no hash to
+        compute, no collision possible); a shared store's key is its hash (``stored_key``)."""
         body = call.json
         if not _IGNORED.isdisjoint(body):  # copy only when there is something to leave out
             body = {k: v for k, v in body.items() if k not in _IGNORED}
         who = (getattr(call.identity, "key_id", None) or "") if self.options.per_key else ""  # no null: see _canonical
-        return "cache:" + hashlib.blake2b(_canonical([call.endpoint, who, body]), digest_size=20).hexdigest()
+        return _canonical([call.endpoint, who, body])
 
     @hookimpl
     def answer_request(self, call: Call) -> web.Response | ChunkSource | Awaitable[Any] | None:
         """In memory the lookup is synchronous (no coroutine per request); through the store it is awaited."""
         key = call.state.get("cache.key")
-        if key is None or call.state.get("cache.refresh"):
+        if key is None or "cache.refresh" in call.state:
             return None
         if self.store is None:
             return self._answer(call, self.memory.get(key))
-        return self._answer_from_store(call, key)
+        return self._answer_from_store(call, stored_key(key))
 
     async def _answer_from_store(self, call: Call, key: str) -> web.Response | ChunkSource | None:
         raw = await self.store.get(key)
@@ -165,7 +175,12 @@ class Plugin:
         if self.store is None:
             self.memory.put(key, entry, self.options.ttl)
             return None
-        return self.store.set(key, entry.encode(), ttl=self.options.ttl)
+        return self.store.set(stored_key(key), entry.encode(), ttl=self.options.ttl)
+
+
+def stored_key(key: bytes) -> str:
+    """A request's key in a shared store: a hash of its canonical text (prompts stay out of key names)."""
+    return "cache:" + hashlib.blake2b(key, digest_size=20).hexdigest()
 
 
 def _tag(call: Call, outcome: str) -> None:

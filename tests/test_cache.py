@@ -15,7 +15,7 @@ from aiohttp.test_utils import make_mocked_request
 from gateway.call import Call
 from gateway.store import MemoryStore
 from plugins._cache_entries import Entry, MemoryLRU
-from plugins.cache import _canonical
+from plugins.cache import _canonical, stored_key
 from tests.conftest import StartBackend, StartGateway
 
 IDENTITY = "tests.bearer_identity"
@@ -187,18 +187,30 @@ async def test_a_request_with_nan_or_infinity_is_not_answered_with_the_one_with_
 
 
 def test_the_memory_lru_evicts_the_least_recently_used_by_size() -> None:
-    lru = MemoryLRU(max_bytes=3 * (1000 + 256))
+    lru = MemoryLRU(max_bytes=3 * (1000 + 256 + 1))  # an entry's size counts its key's length (1 here)
     entries = {k: Entry(False, (k.encode() * 1000,), None) for k in "abcd"}
     for k in "abc":
         lru.put(k, entries[k], ttl=60)
     assert lru.get("a") is entries["a"]  # a is now the most recent
     lru.put("d", entries["d"], ttl=60)
     assert ("b" in lru, "a" in lru, "c" in lru, "d" in lru) == (False, True, True, True)
-    assert lru.bytes == 3 * entries["a"].size and lru.evictions == 1
+    assert lru.bytes == 3 * (entries["a"].size + 1) and lru.evictions == 1
     lru.put("huge", Entry(False, (b"x" * 10_000,), None), ttl=60)
     assert "huge" not in lru and len(lru) == 3
     lru.put("gone", entries["a"], ttl=-1)
     assert lru.get("gone") is None
+
+
+def test_the_memory_lru_counts_a_keys_length_in_its_size() -> None:
+    """The memory cache is keyed by the request's text: a long prompt weighs as much as a long answer."""
+    lru = MemoryLRU(max_bytes=10_000)
+    small = Entry(False, (b"{}",), None)
+    lru.put(b"k" * 9_000, small, ttl=60)
+    assert lru.bytes == small.size + 9_000
+    lru.put(b"q" * 9_000, small, ttl=60)  # both together are too much: the older key goes
+    assert (b"k" * 9_000 in lru, b"q" * 9_000 in lru, lru.bytes) == (False, True, small.size + 9_000)
+    lru.put(b"x" * 10_000, small, ttl=60)  # larger than the whole cache with its key: never kept
+    assert b"x" * 10_000 not in lru and len(lru) == 1
 
 
 def test_an_entry_round_trips_through_bytes_and_a_damaged_value_is_refused() -> None:
@@ -220,4 +232,5 @@ async def test_a_usual_requests_key_is_orjsons_text(
     cache = gateway.state.plugins.pm.get_plugin("cache")
     text = orjson.dumps(["chat/completions", "", body], option=orjson.OPT_SORT_KEYS)
     assert not text.startswith(b"json:") and b"null" not in text
-    assert cache.key(call) == "cache:" + hashlib.blake2b(text, digest_size=20).hexdigest()
+    assert cache.key(call) == text  # the memory cache's key; a shared store's is its hash:
+    assert stored_key(cache.key(call)) == "cache:" + hashlib.blake2b(text, digest_size=20).hexdigest()
