@@ -70,7 +70,9 @@ async def authenticate(gateway: Gateway, request: web.Request) -> Any:
     if not gateway.plugins.authenticate:
         return None
     try:
-        answered = await gateway.plugins.call_first(gateway.plugins.authenticate, request, gateway)
+        answered = gateway.plugins.first(gateway.plugins.authenticate, request, gateway)
+        if answered is not None and not isinstance(answered, tuple):  # an async authenticate hook
+            answered = await answered
     except GatewayError:
         raise
     except Exception:  # a broken plugin: refuse (never let the caller in as anonymous), in the envelope
@@ -117,7 +119,9 @@ async def serve(gateway: Gateway, call: Call) -> web.StreamResponse:
     try:
         if plugins.before_request:
             await plugins.call_refusable(plugins.before_request, "before_request_failed", call)
-        answered = await plugins.call_first(plugins.answer_request, call) if plugins.answer_request else None
+        answered = plugins.first(plugins.answer_request, call) if plugins.answer_request else None
+        if answered is not None and not isinstance(answered, tuple):  # an async answer_request hook
+            answered = await answered
         if answered is None:
             response = await relay.relay(gateway, call)
         elif isinstance(answered[1], ChunkSource):

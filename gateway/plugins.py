@@ -16,7 +16,7 @@ import argparse
 import dataclasses
 import importlib
 import inspect
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, is_dataclass
 from pathlib import Path
 from types import CoroutineType, GeneratorType
@@ -231,10 +231,20 @@ class Plugins:
     @staticmethod
     async def call_first(impls: Impls, *args: Any) -> tuple[str, Any] | None:
         """(plugin, result) of the first non-None result, awaiting async implementations."""
+        answered = Plugins.first(impls, *args)
+        if answered is not None and not isinstance(answered, tuple):
+            answered = await answered
+        return answered
+
+    @staticmethod
+    def first(impls: Impls, *args: Any) -> tuple[str, Any] | Awaitable[tuple[str, Any] | None] | None:
+        """``call_first`` without a coroutine while the implementations answer synchronously (a request's
+        usual case): (plugin, result) or None; once one answers with an awaitable, an awaitable of those.
+        Callers tell the two apart with ``isinstance(answered, tuple)``."""
         for plugin, fn in impls:
             result = fn(*args)
             if result is not None and awaitable(result):
-                result = await result
+                return _first_after(impls, impls.index((plugin, fn)), result, args)
             if result is not None:
                 return plugin, result
         return None
@@ -281,6 +291,16 @@ class Plugins:
                 parsed, strategies = None, ()
             infos.append(PluginInfo(name, source, False, hooks_in(module), strategies, _as_dict(parsed)))
         return infos
+
+
+async def _first_after(
+    impls: Impls, index: int, pending: Awaitable[Any], args: tuple[Any, ...]
+) -> tuple[str, Any] | None:
+    """The rest of ``Plugins.first`` once ``impls[index]`` answered with ``pending``: await it, go on if None."""
+    result = await pending
+    if result is not None:
+        return impls[index][0], result
+    return await Plugins.call_first(impls[index + 1 :], *args)
 
 
 def _adapt(fn: HookFn, argnames: tuple[str, ...], spec: tuple[str, ...]) -> HookFn:

@@ -323,3 +323,28 @@ def test_awaitable_answers_as_inspect_does_for_every_kind_of_result() -> None:
         pending = coroutine()
         assert awaitable(pending)
         pending.close()
+
+
+async def test_first_answers_synchronously_until_an_implementation_is_async() -> None:
+    """``Plugins.first`` (the request path's ``authenticate`` and ``answer_request``): a tuple at once while the
+    implementations are synchronous; once one answers with a coroutine, that is awaited and the later ones
+    still run in order if it answered None."""
+    calls: list[str] = []
+
+    def nothing(name: str) -> Any:
+        calls.append(name)
+
+    async def later(name: str, answer: Any) -> Any:
+        calls.append(name)
+        return answer
+
+    sync_first = [("a", lambda x: nothing("a")), ("b", lambda x: f"b:{x}"), ("c", lambda x: nothing("c"))]
+    assert Plugins.first(sync_first, 1) == ("b", "b:1") and calls == ["a"]
+    assert Plugins.first([("a", lambda x: nothing("a"))], 1) is None
+    calls.clear()
+    mixed = [("a", lambda x: nothing("a")), ("b", lambda x: later("b", None)), ("c", lambda x: later("c", x * 2))]
+    pending = Plugins.first(mixed, 21)
+    assert not isinstance(pending, tuple) and awaitable(pending)
+    assert await pending == ("c", 42) and calls == ["a", "b", "c"]
+    assert await Plugins.call_first(mixed, 1) == ("c", 2)
+    assert await Plugins.call_first([("b", lambda x: later("b", None))], 1) is None
