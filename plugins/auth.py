@@ -66,6 +66,8 @@ class Plugin:
         self.options = options or Options()
         self.keys: dict[str, Entry] = {}
         self._version = -1
+        self._admin_text: str | None = None
+        self._admin_bytes = b""
 
     # -- keeping the table in memory ------------------------------------------------
 
@@ -103,7 +105,10 @@ class Plugin:
             presented = given.encode("utf-8", "surrogateescape")
         except UnicodeEncodeError:
             presented = b""
-        if hmac.compare_digest(presented, gateway.admin_key.encode()):
+        admin = gateway.admin_key
+        if admin is not self._admin_text:  # the config's admin key as bytes, encoded once (not every request)
+            self._admin_text, self._admin_bytes = admin, admin.encode()
+        if hmac.compare_digest(presented, self._admin_bytes):
             return ADMIN
         entry = self.keys.get(digest(presented))
         if entry is None:

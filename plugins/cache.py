@@ -1,7 +1,8 @@
 """Response cache: an identical deterministic request is answered from memory, streams replayed event for event.
 
-The key is a hash of the endpoint, the model and the normalised request (every field but
-``user`` and ``metadata``, keys sorted), and the caller's key id with ``per_key: true``. By
+The key is the endpoint, the model and the normalised request (every field but ``user`` and
+``metadata``, keys sorted), and the caller's key id with ``per_key: true``: that text in memory,
+its hash in a shared store. By
 default only deterministic requests are cached (``temperature: 0`` or a ``seed``). A streamed
 answer is recorded from the chunk tee as the client got it and replayed as a ``ChunkSource``; an
 answer that failed, was cut or is not a 200 is never kept. ``Cache-Control: no-cache`` from the
