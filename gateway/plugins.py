@@ -241,10 +241,10 @@ class Plugins:
         """``call_first`` without a coroutine while the implementations answer synchronously (a request's
         usual case): (plugin, result) or None; once one answers with an awaitable, an awaitable of those.
         Callers tell the two apart with ``isinstance(answered, tuple)``."""
-        for plugin, fn in impls:
+        for index, (plugin, fn) in enumerate(impls):
             result = fn(*args)
             if result is not None and awaitable(result):
-                return _first_after(impls, impls.index((plugin, fn)), result, args)
+                return _first_after(impls, index, result, args)
             if result is not None:
                 return plugin, result
         return None

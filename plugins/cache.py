@@ -171,8 +171,8 @@ class Plugin:
                 return None
             chunks = (body,)
         entry = Entry(call.stream, chunks, call.usage)
-        if entry.size > self.max_entry:
-            return None
+        if entry.size > self.max_entry or (self.store is None and entry.size + len(key) > self.max_entry):
+            return None  # in memory the key is the request's text: a long prompt counts as much as the answer
         if self.store is None:
             self.memory.put(key, entry, self.options.ttl)
             return None

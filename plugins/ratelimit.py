@@ -219,7 +219,7 @@ class Plugin:
         completion = body.get("max_completion_tokens") or body.get("max_tokens")
         if call.endpoint == "embeddings":
             completion = 0
-        elif completion.__class__ is not int or completion < 0:  # bool, float, text or absent: the default
+        elif not isinstance(completion, int) or completion < 0:
             completion = self.default_completion
         elif completion > MOST_TOKENS:  # past any float: 1e400 + 0.5 would raise (and the take never happen)
             completion = MOST_TOKENS

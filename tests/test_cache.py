@@ -234,3 +234,18 @@ async def test_a_usual_requests_key_is_orjsons_text(
     assert not text.startswith(b"json:") and b"null" not in text
     assert cache.key(call) == text  # the memory cache's key; a shared store's is its hash:
     assert stored_key(cache.key(call)) == "cache:" + hashlib.blake2b(text, digest_size=20).hexdigest()
+
+
+async def test_in_memory_a_request_too_long_to_keep_with_its_answer_is_not_kept(
+    start_backend: StartBackend, start_gateway: StartGateway
+) -> None:
+    """The memory cache's key is the request's text, so ``max_entry_mb`` bounds the request and the answer
+    together: one long request can no longer take a whole ``max_mb`` cache for itself."""
+    gateway = await start_gateway(await start_backend(), plugins={"cache": {"max_entry_mb": 0.002}})  # ~2 KB
+    outcomes = []
+    for padding in ("", "", "x" * 3_000, "x" * 3_000):
+        raw = await client(gateway).chat.completions.with_raw_response.create(**ASK, extra_body={"padding": padding})
+        outcomes.append(raw.headers["X-Multiverse-Cache"])
+    assert outcomes == ["miss", "hit", "miss", "miss"]
+    cache = gateway.state.plugins.pm.get_plugin("cache")
+    assert len(cache.memory) == 1 and cache.memory.bytes <= 0.002 * 2**20

@@ -348,3 +348,22 @@ async def test_first_answers_synchronously_until_an_implementation_is_async() ->
     assert await pending == ("c", 42) and calls == ["a", "b", "c"]
     assert await Plugins.call_first(mixed, 1) == ("c", 2)
     assert await Plugins.call_first([("b", lambda x: later("b", None))], 1) is None
+
+
+async def test_first_goes_on_after_the_implementation_that_answered_later_even_in_a_list_with_repeats() -> None:
+    """The continuation starts after the implementation whose awaitable answered None, by position: a list
+    that holds the same (plugin, function) twice calls each entry once, in order."""
+    calls: list[int] = []
+    answers = iter([None, "later None", "third"])
+
+    async def later(answer: Any) -> Any:
+        return answer
+
+    def counted(x: int) -> Any:
+        calls.append(x)
+        answer = next(answers)
+        return answer if answer is None else later(None if answer == "later None" else answer)
+
+    other = ("b", lambda x: calls.append(-x))
+    assert await Plugins.call_first([("a", counted), other, ("a", counted)], 5) is None
+    assert calls == [5, -5, 5]

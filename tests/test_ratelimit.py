@@ -11,6 +11,7 @@ import openai
 import pytest
 
 from gateway.store import MemoryStore
+from plugins._buckets import Bucket, settle
 from tests.conftest import ADMIN_KEY, RunningGateway, StartBackend, StartGateway, eventually
 from tests.test_auth import issue
 
@@ -185,3 +186,15 @@ async def test_a_keys_limits_are_kept_while_its_identity_lasts_and_redone_when_i
     big = await issue(gateway, name="bo", role="user", tpm=1000)
     status, refused, _ = await _chat(gateway.url, big["key"], max_tokens=10**400)
     assert status == 429 and refused["error"]["code"] == "request_too_large", refused
+
+
+def test_settle_writes_the_reset_openai_clients_read() -> None:
+    """Seconds until the bucket is full again, rounded to the millisecond as before the Bucket refactor
+    (1000 of 64000 tokens a minute: 0.9375 s, 938ms; the rate's division alone rounded to 937ms)."""
+    headers: dict[str, str] = {}
+    settle(Bucket.of("tokens", "key:k", 64_000, "key 'k'"), 1000.0, 0.0, 63_000.0, headers)
+    assert headers == {
+        "x-ratelimit-limit-tokens": "64000",
+        "x-ratelimit-remaining-tokens": "63000",
+        "x-ratelimit-reset-tokens": "938ms",
+    }
