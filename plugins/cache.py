@@ -60,7 +60,11 @@ class Options:
     )
     max_mb: float = field(default=64.0, metadata={"doc": "memory backend: size limit in MB", "check": positive})
     max_entry_mb: float = field(
-        default=1.0, metadata={"doc": "answers larger than this are not cached", "check": positive}
+        default=1.0,
+        metadata={
+            "doc": "answers larger than this are not cached (in memory: with the request's text)",
+            "check": positive,
+        },
     )
     ttl: float = field(default=3600.0, metadata={"doc": "seconds an answer stays valid", "check": positive})
     per_key: bool = field(default=False, metadata={"doc": "keep each API key's answers apart"})
