@@ -7,7 +7,6 @@ budget and share one cache. Plugins get the gateway's store as ``gateway.store``
 
 from __future__ import annotations
 
-import time
 from time import monotonic
 from typing import Protocol
 
@@ -101,7 +100,7 @@ class MemoryStore:
         return self._level(key, rate, capacity)[0]
 
     def _level(self, key: str, rate: float, capacity: float) -> tuple[float, float]:
-        now = time.monotonic()
+        now = monotonic()
         tokens, last, _ = self._buckets.get(key, (capacity, now, now))
         return min(capacity, tokens + (now - last) * rate), now
 
@@ -112,13 +111,13 @@ class MemoryStore:
 
     def prune(self, now: float | None = None) -> None:
         """Forget buckets that are full again and counters and values that have expired."""
-        now = time.monotonic() if now is None else now
+        now = monotonic() if now is None else now
         self._buckets = {k: b for k, b in self._buckets.items() if b[2] > now}
         self._counters = {k: c for k, c in self._counters.items() if c[1] is None or c[1] > now}
         self._values = {k: v for k, v in self._values.items() if v[1] is None or v[1] > now}
 
     async def add(self, key: str, amount: float, ttl: float | None = None) -> float:
-        now = time.monotonic()
+        now = monotonic()
         value, expires = self._counters.get(key, (0.0, None))
         if expires is not None and expires <= now:
             value = 0.0
@@ -132,13 +131,13 @@ class MemoryStore:
         if found is None:
             return None
         value, expires = found
-        if expires is not None and expires <= time.monotonic():
+        if expires is not None and expires <= monotonic():
             del self._values[key]
             return None
         return value
 
     async def set(self, key: str, value: bytes, ttl: float | None = None) -> None:
-        now = time.monotonic()
+        now = monotonic()
         self._values[key] = (value, now + ttl if ttl is not None else None)
         self._wrote(now)
 

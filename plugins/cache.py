@@ -175,8 +175,9 @@ class Plugin:
                 return None
             chunks = (body,)
         entry = Entry(call.stream, chunks, call.usage)
-        if entry.size > self.max_entry or (self.store is None and entry.size + len(key) > self.max_entry):
-            return None  # in memory the key is the request's text: a long prompt counts as much as the answer
+        kept = entry.size + len(key) if self.store is None else entry.size  # in memory the key is the request's text
+        if kept > self.max_entry:
+            return None  # a long prompt counts as much as a long answer
         if self.store is None:
             self.memory.put(key, entry, self.options.ttl)
             return None

@@ -27,6 +27,7 @@ from gateway import hookimpl
 from gateway.call import peer_closed
 from gateway.errors import GatewayError
 from gateway.identity import Identity
+from gateway.pump import NUMBER
 from gateway.store import MemoryStore, Store
 from gateway.validate import positive
 from plugins._buckets import Bucket, settle
@@ -39,7 +40,6 @@ if TYPE_CHECKING:
 
 UNLIMITED = None
 MOST_TOKENS = 2**53  # an estimate's bound: more than any tpm, and a float still
-NUMBER = (int, float)  # a tuple: isinstance against ``int | float`` builds the union each call
 
 
 @dataclass(frozen=True)
@@ -104,11 +104,10 @@ class Limits:
 class Ticket:
     """What this plugin took for one call, so that ``request_complete`` gives back exactly that."""
 
-    __slots__ = ("held", "key", "limits", "tokens", "tpm")
+    __slots__ = ("held", "limits", "tokens", "tpm")
 
     def __init__(self, limits: Limits) -> None:
-        self.limits = limits
-        self.key = limits.key  # counted in the key's requests at once
+        self.limits = limits  # its key counts the call among its requests at once
         self.tpm: Bucket | None = None  # the tokens bucket, when tokens were taken from it
         self.tokens = 0.0  # taken from it: corrected with the real usage once the answer is in
         self.held: Backend | None = None  # a backend slot reserved until the call is routed
@@ -122,7 +121,6 @@ class Plugin:
         self.held: dict[str, int] = {}  # backend id -> slots reserved for admitted calls not yet routed
         self.limits: dict[str, Limits] = {}  # key id -> its names and limits, for its current Identity
         self.tokens_per_byte = 1 / self.options.chars_per_token
-        self.default_completion = self.options.default_max_tokens
         self.gateway: Gateway | None = None
 
     @hookimpl
@@ -220,7 +218,7 @@ class Plugin:
         if call.endpoint == "embeddings":
             completion = 0
         elif not isinstance(completion, int) or completion < 0:
-            completion = self.default_completion
+            completion = self.options.default_max_tokens
         elif completion > MOST_TOKENS:  # past any float: 1e400 + 0.5 would raise (and the take never happen)
             completion = MOST_TOKENS
         estimate = len(call.body) * self.tokens_per_byte + completion
@@ -247,7 +245,7 @@ class Plugin:
         return self._wait_for_slot(call, ticket, high)
 
     async def _wait_for_slot(self, call: Call, ticket: Ticket, high: bool) -> None:
-        waiter = Waiter(ticket.key, call.model, high)
+        waiter = Waiter(ticket.limits.key, call.model, high)
         queued_at = time.perf_counter()
         admitted = False
         closed = asyncio.ensure_future(peer_closed(call.request).wait())
@@ -345,7 +343,7 @@ class Plugin:
         ticket: Ticket | None = call.state.pop("ratelimit", None)
         if ticket is None:
             return None
-        key = ticket.key
+        key = ticket.limits.key
         left = self.running[key] - 1
         if left:
             self.running[key] = left
@@ -362,7 +360,7 @@ class Plugin:
         """Give back, or take, the difference between the estimate and what the answer used."""
         usage = call.usage
         used = usage.get("total_tokens") if usage else None
-        if used.__class__ is not int and not isinstance(used, NUMBER):
+        if not isinstance(used, NUMBER):
             used = ticket.tokens if call.attempts else 0.0  # no usage reported: keep the estimate
         difference = used - ticket.tokens
         tokens = ticket.tpm
