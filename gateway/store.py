@@ -54,11 +54,12 @@ class MemoryStore:
     """The default store: this process's memory. Fast, and lost when the process ends.
 
     A bucket that has refilled, and a counter or value that has expired, is dropped every
-    ``PRUNE_EVERY`` writes, so callers that come and go (anonymous clients) do not add up.
+    ``PRUNE_EVERY`` new buckets and writes of counters and values, so callers that come and go
+    (anonymous clients) do not add up.
     """
 
     def __init__(self) -> None:
-        self._buckets: dict[str, tuple[float, float, float]] = {}  # key -> (tokens, when, full again at)
+        self._buckets: dict[str, tuple[float, float, float, float]] = {}  # key -> (tokens, when, rate, capacity)
         self._counters: dict[str, tuple[float, float | None]] = {}
         self._values: dict[str, tuple[bytes, float | None]] = {}
         self._writes = 0
@@ -79,6 +80,9 @@ class MemoryStore:
         found = self._buckets.get(key)
         if found is None:  # conditionals, not min(): a call to a builtin costs more than the comparison
             tokens = capacity
+            writes = self._writes = self._writes + 1  # a new bucket, what makes the store grow: counted for prune
+            if not writes & PRUNE_MASK:
+                self.prune(now)
         else:
             tokens = found[0] + (now - found[1]) * rate
             if tokens > capacity:
@@ -90,10 +94,7 @@ class MemoryStore:
             wait = 0.0
         else:
             wait = (amount - tokens) / rate if rate > 0 else INFINITY
-        self._buckets[key] = (tokens, now, now + (capacity - tokens) / rate if rate > 0 else INFINITY)
-        writes = self._writes = self._writes + 1
-        if not writes & PRUNE_MASK:
-            self.prune(now)
+        self._buckets[key] = (tokens, now, rate, capacity)  # when it is full again: worked out by prune, not here
         return wait, tokens
 
     async def peek(self, key: str, rate: float, capacity: float) -> float:
@@ -101,7 +102,7 @@ class MemoryStore:
 
     def _level(self, key: str, rate: float, capacity: float) -> tuple[float, float]:
         now = monotonic()
-        tokens, last, _ = self._buckets.get(key, (capacity, now, now))
+        tokens, last, _, _ = self._buckets.get(key, (capacity, now, rate, capacity))
         return min(capacity, tokens + (now - last) * rate), now
 
     def _wrote(self, now: float) -> None:
@@ -112,7 +113,7 @@ class MemoryStore:
     def prune(self, now: float | None = None) -> None:
         """Forget buckets that are full again and counters and values that have expired."""
         now = monotonic() if now is None else now
-        self._buckets = {k: b for k, b in self._buckets.items() if b[2] > now}
+        self._buckets = {k: b for k, b in self._buckets.items() if b[0] + (now - b[1]) * b[2] < b[3]}  # not yet full
         self._counters = {k: c for k, c in self._counters.items() if c[1] is None or c[1] > now}
         self._values = {k: v for k, v in self._values.items() if v[1] is None or v[1] > now}
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
-from gateway.store import MemoryStore
+from gateway.store import PRUNE_EVERY, MemoryStore
 
 
 async def test_a_bucket_refills_at_its_rate_and_gives_back() -> None:
@@ -41,3 +41,13 @@ async def test_refilled_buckets_and_expired_entries_are_forgotten() -> None:
     store.prune()
     assert set(store._buckets) == {"busy"} and set(store._counters) == {"kept"} and not store._values
     assert await store.take("busy", 1, rate=0.001, capacity=2) > 0  # its state survived
+
+
+def test_buckets_of_callers_that_come_and_go_are_pruned_as_they_are_made() -> None:
+    store = MemoryStore()
+    store.take_now("steady", 2, rate=0.001, capacity=2)  # empty for a long time
+    for i in range(3 * PRUNE_EVERY):  # one new bucket a caller, full again a nanosecond later
+        store.take_now(f"anon:{i}", 1, rate=1e9, capacity=2)
+        store.take_now("steady", 0, rate=0.001, capacity=2)  # a known key's takes add nothing to prune
+    assert len(store._buckets) <= PRUNE_EVERY and "steady" in store._buckets
+    assert store.take_now("steady", 1, rate=0.001, capacity=2)[0] > 0  # its level survived every prune
