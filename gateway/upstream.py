@@ -10,7 +10,7 @@ import asyncio
 import email.utils
 import os
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, MutableMapping
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import aiohttp
@@ -76,22 +76,27 @@ def forward_headers(request: web.Request, call: Call) -> CIMultiDict[str]:
 
 def returned_headers(upstream: Upstream, call: Call) -> CIMultiDict[str]:
     out = without(upstream.headers, _NOT_RETURNED)
-    out.update(call_headers(call))
+    add_call_headers(out, call)  # into the backend's copy: not into a dict first, then copied again
     return out
 
 
 def call_headers(call: Call) -> dict[str, str]:
-    """The gateway's own headers on an answer: never a backend's address."""
-    out = {
-        "X-Request-ID": call.request_id,
-        "X-Multiverse-Model": call.model,
-        "X-Multiverse-Route": call.route,
-        "X-Multiverse-Attempts": str(len(call.attempts)),
-    }
+    """The gateway's own headers on an answer, and those plugins set: never a backend's address."""
+    out: dict[str, str] = {}
+    add_call_headers(out, call)
+    return out
+
+
+def add_call_headers(out: MutableMapping[str, str], call: Call) -> None:
+    """Set ``call_headers``'s headers in ``out``."""
+    out["X-Request-ID"] = call.request_id
+    out["X-Multiverse-Model"] = call.model
+    out["X-Multiverse-Route"] = call.route
+    out["X-Multiverse-Attempts"] = str(len(call.attempts))
     if call.backend is not None:
         out["X-Multiverse-Backend"] = call.backend.name
-    out.update(call.response_headers)
-    return out
+    if call.response_headers:
+        out.update(call.response_headers)
 
 
 async def step(attempt: Attempt, work: Awaitable[T], until: float, outcome: str, too_late: str) -> T:
