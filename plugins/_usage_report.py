@@ -37,6 +37,9 @@ SCHEMA = [
     CREATE INDEX usage_requests_at ON usage_requests (at);
     CREATE INDEX usage_requests_key ON usage_requests (key_id)
     """,
+    # No query reads usage_requests_key: a key's report matches key_id OR key_name (a scan, or the `at` index with
+    # `since`), and SPENT reads every keyed row once at start-up. Every request paid for an entry in it.
+    "DROP INDEX IF EXISTS usage_requests_key",
 ]
 COLUMNS = (
     "at", "request_id", "key_id", "key_name", "model", "backend", "endpoint", "stream", "status",

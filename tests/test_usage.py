@@ -120,6 +120,31 @@ async def test_writes_are_batched_and_spend_survives_a_restart_so_the_budget_sti
     assert len(backend.seen) == 2
 
 
+async def test_an_older_database_loses_the_unread_key_index_and_keeps_its_rows_and_spend(
+    start_backend: StartBackend, start_gateway: StartGateway
+) -> None:
+    backend = await start_backend()
+    plugins = {IDENTITY: {"budgets": {"alice": 0.01}}, "usage": {"flush_interval": 60}}
+    prices = {"echo": {"cost_per_1k_prompt_tokens": 1500.0}}  # 4 prompt tokens: 6.0 a request
+    gateway = await start_gateway(backend, plugins=plugins, models=prices)
+    await client(gateway).chat.completions.create(model="echo", messages=MESSAGES)
+    await gateway.server.close()  # writes the row
+    path = gateway.state.config.database_path
+    with sqlite3.connect(path) as db:  # as the version before this one left it: the index, at schema version 1
+        db.execute("CREATE INDEX usage_requests_key ON usage_requests (key_id)")
+        db.execute("UPDATE plugin_schemas SET version = 1 WHERE plugin = 'usage'")
+    again = await start_gateway(backend, plugins=plugins, models=prices)
+    with pytest.raises(openai.RateLimitError):  # the spend was read back: alice is over her budget
+        await client(again).chat.completions.create(model="echo", messages=MESSAGES)
+    with sqlite3.connect(path) as db:
+        indexes = {row[1] for row in db.execute("PRAGMA index_list(usage_requests)")}
+        version = db.execute("SELECT version FROM plugin_schemas WHERE plugin = 'usage'").fetchone()[0]
+    assert indexes == {"usage_requests_at"} and version == 2
+    assert [r["key_name"] for r in rows(again)] == ["alice"]  # the refusal is still queued; the old row stayed
+    status, body = await report(again, key="alice")
+    assert status == 200 and [d["requests"] for d in body["data"]] == [2]
+
+
 async def test_the_flush_job_writes_within_its_interval(
     start_backend: StartBackend, start_gateway: StartGateway
 ) -> None:
