@@ -38,7 +38,7 @@ def settle(bucket: Bucket, amount: float, wait: float, left: float, headers: dic
     headers[limit_name] = bucket.limit_text
     headers[remaining_name] = str(int(left)) if left >= 1 else "0"  # int() of a positive number: its floor
     reset = wait or (bucket.limit - left) * 60 / bucket.limit  # refused: when this request's amount is there
-    headers[reset_name] = f"{round(reset * 1000)}ms" if 0 <= reset < 1 else duration(reset)  # duration's usual case
+    headers[reset_name] = f"{round(reset * 1000)}ms" if reset < 1 else duration(reset)  # duration's usual case
     if wait:
         seconds = max(1, math.ceil(wait))
         what = f"{bucket.limit} {bucket.kind} a minute for {bucket.who}"

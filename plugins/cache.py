@@ -81,6 +81,7 @@ class Plugin:
         self.memory = MemoryLRU(int(self.options.max_mb * 2**20))
         self.max_entry = int(self.options.max_entry_mb * 2**20)
         self.endpoints = frozenset(self.options.endpoints)
+        self.only_deterministic, self.per_key = self.options.only_deterministic, self.options.per_key  # per request
         self.store: Any = None
         self.hits = self.misses = 0
 
@@ -97,7 +98,7 @@ class Plugin:
         control = call.request.headers.get("Cache-Control")
         body = call.json
         if control is None:  # the usual request: no cache directive to read
-            if self.options.only_deterministic and body.get("temperature") != 0 and body.get("seed") is None:
+            if self.only_deterministic and body.get("temperature") != 0 and body.get("seed") is None:
                 _tag(call, "bypass")
             else:
                 call.state["cache.key"] = self.key(call)
@@ -119,7 +120,7 @@ class Plugin:
         body = call.json
         if not _IGNORED.isdisjoint(body):  # copy only when there is something to leave out
             body = {k: v for k, v in body.items() if k not in _IGNORED}
-        who = (getattr(call.identity, "key_id", None) or "") if self.options.per_key else ""  # no null: see _canonical
+        who = (getattr(call.identity, "key_id", None) or "") if self.per_key else ""  # no null: see _canonical
         return _canonical([call.endpoint, who, body])
 
     @hookimpl
@@ -137,10 +138,12 @@ class Plugin:
         return self._answer(call, Entry.decode(raw) if raw is not None else None)
 
     def _answer(self, call: Call, entry: Entry | None) -> web.Response | ChunkSource | None:
-        if entry is None or entry.stream != call.stream:
+        if entry is None or entry.stream != call.stream:  # a miss, every request's first: _tag inlined
             self.misses += 1
-            _tag(call, "miss")
-            self._record(call)
+            call.tags["cache"] = "miss"
+            call.response_headers[_HEADER] = "miss"
+            if call.stream:
+                self._record(call)
             return None
         self.hits += 1
         _tag(call, "hit")
@@ -150,6 +153,7 @@ class Plugin:
         return web.Response(body=entry.chunks[0], headers={**call_headers(call), "Content-Type": "application/json"})
 
     def _record(self, call: Call) -> None:
+        """Record a stream's chunks, to keep them once it completes."""
         if call.stream:
             recorder = call.state["cache.recorder"] = Recorder(self.max_entry)  # no larger answer is kept
             call.on_chunk(recorder)

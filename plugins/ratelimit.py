@@ -107,7 +107,7 @@ class Ticket:
     __slots__ = ("held", "limits", "tokens", "tpm")
 
     def __init__(self, limits: Limits) -> None:
-        self.limits = limits  # its key counts the call among its requests at once
+        self.limits = limits  # with a cap, its key counts the call among its requests at once
         self.tpm: Bucket | None = None  # the tokens bucket, when tokens were taken from it
         self.tokens = 0.0  # taken from it: corrected with the real usage once the answer is in
         self.held: Backend | None = None  # a backend slot reserved until the call is routed
@@ -117,10 +117,11 @@ class Plugin:
     def __init__(self, options: Options | None = None) -> None:
         self.options = options or Options()
         self.queue = FairQueue()
-        self.running: dict[str, int] = {}  # key -> its calls queued or in flight
+        self.running: dict[str, int] = {}  # key with a max_concurrency -> its calls queued or in flight
         self.held: dict[str, int] = {}  # backend id -> slots reserved for admitted calls not yet routed
         self.limits: dict[str, Limits] = {}  # key id -> its names and limits, for its current Identity
         self.tokens_per_byte = 1 / self.options.chars_per_token
+        self.fair_queue = self.options.fair_queue
         self.gateway: Gateway | None = None
 
     @hookimpl
@@ -148,12 +149,13 @@ class Plugin:
                 "max_concurrency": cap,
             }  # fmt: skip
             return None
-        key = limits.key
-        running = self.running.get(key, 0)
-        if cap is not None and running >= cap:
-            message = f"rate limit: at most {cap} requests at once for {limits.who}; wait for one to finish"
-            raise GatewayError(429, message, code="rate_limit_exceeded", headers={"Retry-After": "1"})
-        self.running[key] = running + 1
+        if cap is not None:  # a key without a cap is not counted: nothing would read its count
+            key = limits.key
+            running = self.running.get(key, 0)
+            if running >= cap:
+                message = f"rate limit: at most {cap} requests at once for {limits.who}; wait for one to finish"
+                raise GatewayError(429, message, code="rate_limit_exceeded", headers={"Retry-After": "1"})
+            self.running[key] = running + 1
         ticket = call.state["ratelimit"] = Ticket(limits)
         if requests is None and tokens is None:
             return self._queue(call, ticket, limits.high)
@@ -171,7 +173,9 @@ class Plugin:
                 store.take_now(requests.name, -1, requests.rate, requests.limit)
             settle(tokens, estimate, wait, left, headers)
             ticket.tpm, ticket.tokens = tokens, estimate  # corrected with the real usage once the answer is in
-        return self._queue(call, ticket, limits.high)
+        if self.fair_queue and (self.queue.count or call.gateway.registry.any_limited):
+            return self._queue(call, ticket, limits.high)
+        return None  # the usual case, checked here: nobody waits and no backend has a slot to keep
 
     async def _take_then_queue(self, call: Call, store: Store, ticket: Ticket, estimate: float) -> None:
         """``before_request`` with a shared store (Redis): each take is a round trip."""
@@ -315,7 +319,7 @@ class Plugin:
     @hookimpl(trylast=True)
     def filter_candidates(self, call: Call, candidates: list[Backend]) -> list[Backend] | None:
         """Hand the reserved slot to routing; route no call to a backend already at its max_concurrency."""
-        if not self.options.fair_queue or not call.gateway.registry.any_limited:
+        if not self.fair_queue or not call.gateway.registry.any_limited:
             return None
         ticket: Ticket | None = call.state.get("ratelimit")
         reserved = ticket.held if ticket is not None else None
@@ -343,31 +347,31 @@ class Plugin:
         ticket: Ticket | None = call.state.pop("ratelimit", None)
         if ticket is None:
             return None
-        key = ticket.limits.key
-        left = self.running[key] - 1
-        if left:
-            self.running[key] = left
-        else:
-            del self.running[key]
+        limits = ticket.limits
+        if limits.cap is not None:  # counted (the ticket's limits are those before_request read)
+            key = limits.key
+            left = self.running[key] - 1
+            if left:
+                self.running[key] = left
+            else:
+                del self.running[key]
         if ticket.held is not None:  # refused or answered before routing: the slot was never used
             self.held[ticket.held.id] -= 1
         if self.queue.count:
             self.queue.dispatch(self._admit)
-        return self._correct_tokens(call, ticket) if ticket.tpm is not None else None
-
-    @staticmethod
-    def _correct_tokens(call: Call, ticket: Ticket) -> Awaitable[Any] | None:
-        """Give back, or take, the difference between the estimate and what the answer used."""
+        tokens = ticket.tpm
+        if tokens is None:
+            return None
+        # Give back, or take, the difference between the estimate and what the answer used.
         usage = call.usage
         used = usage.get("total_tokens") if usage else None
         if not isinstance(used, NUMBER):
             used = ticket.tokens if call.attempts else 0.0  # no usage reported: keep the estimate
         difference = used - ticket.tokens
-        tokens = ticket.tpm
-        if not difference or tokens is None:
+        if not difference:
             return None
         store = call.gateway.store
         if store.__class__ is MemoryStore:
-            store.take_now(tokens.name, difference, tokens.rate, tokens.limit, force=True)
+            store.take_now(tokens.name, difference, tokens.rate, tokens.limit, True)
             return None
         return store.take(tokens.name, difference, tokens.rate, tokens.limit, force=True)

@@ -24,7 +24,7 @@ from typing import Any, Literal
 from aiohttp import web
 
 from gateway import hookimpl
-from gateway.call import Call, ms
+from gateway.call import Call
 from gateway.errors import GatewayError
 from gateway.pump import Recorder
 from gateway.state import GATEWAY, Gateway
@@ -154,10 +154,10 @@ class Plugin:
             self.spent[key_id] = self.spent.get(key_id, 0.0) + cost
             self.unshared[key_id] = self.unshared.get(key_id, 0.0) + cost
         backend = call.backend.name if call.backend is not None else None
-        self.pending += (
+        self.pending += (  # booleans as int(): sqlite3 binds an exact int directly, a bool through its adapters
             time.time(), call.request_id, key_id, getattr(identity, "name", None), call.model, backend,
             call.endpoint, int(call.stream), call.status, prompt, completion, int(estimated),
-            ms(call.latency, 3), seconds, int(hit), cost,
+            call.latency * 1000, seconds, int(hit), cost,
         )  # fmt: skip
 
     def _counted(self, call: Call) -> tuple[int, int, bool]:
