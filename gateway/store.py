@@ -97,6 +97,19 @@ class MemoryStore:
         self._buckets[key] = (tokens, now, rate, capacity)  # when it is full again: worked out by prune, not here
         return wait, tokens
 
+    def give_now(self, key: str, amount: float) -> None:
+        """Put ``amount`` (>= 0) tokens back in a bucket: ``take_now(key, -amount, ...)`` without reading the clock.
+
+        The same level at every later moment: a bucket's level is its last take's, plus the refill, capped at its
+        capacity, and adding to that before the refill, capped, is adding after it, capped. A bucket the store no
+        longer holds is full: nothing goes back.
+        """
+        found = self._buckets.get(key)
+        if found is not None:
+            tokens, when, rate, capacity = found
+            tokens += amount
+            self._buckets[key] = (tokens if tokens < capacity else capacity, when, rate, capacity)
+
     async def peek(self, key: str, rate: float, capacity: float) -> float:
         return self._level(key, rate, capacity)[0]
 

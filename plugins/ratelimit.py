@@ -372,6 +372,9 @@ class Plugin:
             return None
         store = call.gateway.store
         if store.__class__ is MemoryStore:
-            store.take_now(tokens.name, difference, tokens.rate, tokens.limit, True)
+            if difference < 0:  # the usual case: the estimate counts max_tokens, the answer is shorter
+                store.give_now(tokens.name, -difference)
+            else:
+                store.take_now(tokens.name, difference, tokens.rate, tokens.limit, True)
             return None
         return store.take(tokens.name, difference, tokens.rate, tokens.limit, force=True)

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import time
+
+import pytest
 
 from gateway.store import PRUNE_EVERY, MemoryStore
 
@@ -51,3 +54,25 @@ def test_buckets_of_callers_that_come_and_go_are_pruned_as_they_are_made() -> No
         store.take_now("steady", 0, rate=0.001, capacity=2)  # a known key's takes add nothing to prune
     assert len(store._buckets) <= PRUNE_EVERY and "steady" in store._buckets
     assert store.take_now("steady", 1, rate=0.001, capacity=2)[0] > 0  # its level survived every prune
+
+
+def test_giving_tokens_back_is_taking_a_negative_amount_at_every_later_moment() -> None:
+    taken, given = MemoryStore(), MemoryStore()
+    for store in (taken, given):
+        store.take_now("k", 9, rate=4, capacity=10)  # 1 left, refilled at 4 a second
+        store.take_now("debt", 12, rate=4, capacity=10, force=True)  # 2 in debt
+    taken.take_now("k", -5, rate=4, capacity=10)
+    given.give_now("k", 5)
+    taken.take_now("debt", -3, rate=4, capacity=10)
+    given.give_now("debt", 3)
+    level = {name: (taken.take_now(name, 0, 4, 10)[1], given.take_now(name, 0, 4, 10)[1]) for name in ("k", "debt")}
+    assert level["k"][0] == pytest.approx(6, abs=0.05) and level["k"][1] == pytest.approx(level["k"][0], abs=0.01)
+    assert level["debt"][0] == pytest.approx(1, abs=0.05)
+    assert level["debt"][1] == pytest.approx(level["debt"][0], abs=0.01)
+    time.sleep(0.5)  # 2 more tokens each: still below the capacity
+    assert given.take_now("k", 0, 4, 10)[1] == pytest.approx(taken.take_now("k", 0, 4, 10)[1], abs=0.01)
+    taken.take_now("k", -20, rate=4, capacity=10)  # never past the capacity, now or later
+    given.give_now("k", 20)
+    assert taken.take_now("k", 0, 4, 10)[1] == given.take_now("k", 0, 4, 10)[1] == 10
+    given.give_now("never taken", 3)  # a bucket the store does not hold is full: nothing to give back to
+    assert "never taken" not in given._buckets
