@@ -80,9 +80,7 @@ class MemoryStore:
         found = self._buckets.get(key)
         if found is None:  # conditionals, not min(): a call to a builtin costs more than the comparison
             tokens = capacity
-            writes = self._writes = self._writes + 1  # a new bucket, what makes the store grow: counted for prune
-            if not writes & PRUNE_MASK:
-                self.prune(now)
+            self._wrote(now)  # a new bucket, what makes the store grow: counted for prune
         else:
             tokens = found[0] + (now - found[1]) * rate
             if tokens > capacity:
@@ -96,6 +94,48 @@ class MemoryStore:
             wait = (amount - tokens) / rate if rate > 0 else INFINITY
         self._buckets[key] = (tokens, now, rate, capacity)  # when it is full again: worked out by prune, not here
         return wait, tokens
+
+    def take_pair_now(
+        self, key: str, amount: float, rate: float, capacity: float,
+        other: str, other_amount: float, other_rate: float, other_capacity: float,
+    ) -> tuple[float, float, float, float]:  # fmt: skip
+        """``take_now`` from two buckets at one moment, both or neither (a caller's requests and tokens, say):
+        each one's wait and tokens left. A wait above 0 means that bucket refused, and neither was taken.
+        Amounts are 0 or more (takes, not corrections)."""
+        now = monotonic()  # take_now twice over, inlined: this runs for every request with both limits
+        buckets = self._buckets
+        found = buckets.get(key)
+        if found is None:
+            tokens = capacity
+            self._wrote(now)
+        else:
+            tokens = found[0] + (now - found[1]) * rate
+            if tokens > capacity:
+                tokens = capacity
+        found = buckets.get(other)
+        if found is None:
+            other_tokens = other_capacity
+            self._wrote(now)
+        else:
+            other_tokens = found[0] + (now - found[1]) * other_rate
+            if other_tokens > other_capacity:
+                other_tokens = other_capacity
+        if (amount <= tokens or amount <= 0) and (other_amount <= other_tokens or other_amount <= 0):
+            tokens -= amount
+            other_tokens -= other_amount
+            wait = other_wait = 0.0
+        else:
+            wait = 0.0 if amount <= tokens or amount <= 0 else (amount - tokens) / rate if rate > 0 else INFINITY
+            other_wait = (
+                0.0
+                if other_amount <= other_tokens or other_amount <= 0
+                else (other_amount - other_tokens) / other_rate
+                if other_rate > 0
+                else INFINITY
+            )
+        buckets[key] = (tokens, now, rate, capacity)
+        buckets[other] = (other_tokens, now, other_rate, other_capacity)
+        return wait, tokens, other_wait, other_tokens
 
     def give_now(self, key: str, amount: float) -> None:
         """Put ``amount`` (>= 0) tokens back in a bucket: ``take_now(key, -amount, ...)`` without reading the clock.

@@ -32,13 +32,19 @@ def bucket(kind: str, key: str) -> str:
     return f"ratelimit:{kind}:{key}"
 
 
-def settle(bucket: Bucket, amount: float, wait: float, left: float, headers: dict[str, str]) -> None:
-    """Set a bucket's x-ratelimit-* headers from a take's answer (``wait``, tokens ``left``); a 429 if it refused."""
+def show(bucket: Bucket, left: float, headers: dict[str, str], reset: float = 0.0) -> None:
+    """Set a bucket's x-ratelimit-* headers: ``left`` tokens, full again in ``reset`` seconds (0: worked out)."""
     limit_name, remaining_name, reset_name = bucket.headers
     headers[limit_name] = bucket.limit_text
     headers[remaining_name] = str(int(left)) if left >= 1 else "0"  # int() of a positive number: its floor
-    reset = wait or (bucket.limit - left) * 60 / bucket.limit  # refused: when this request's amount is there
+    reset = reset or (bucket.limit - left) * 60 / bucket.limit  # never negative: a level is never above its limit
     headers[reset_name] = f"{round(reset * 1000)}ms" if reset < 1 else duration(reset)  # duration's usual case
+
+
+def settle(bucket: Bucket, amount: float, wait: float, left: float, headers: dict[str, str]) -> None:
+    """Set a bucket's x-ratelimit-* headers from a take's answer (``wait``, tokens ``left``); a 429 if it refused
+    (its reset is then when this request's amount is there)."""
+    show(bucket, left, headers, wait)
     if wait:
         seconds = max(1, math.ceil(wait))
         what = f"{bucket.limit} {bucket.kind} a minute for {bucket.who}"

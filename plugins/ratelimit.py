@@ -30,7 +30,7 @@ from gateway.identity import Identity
 from gateway.pump import NUMBER
 from gateway.store import MemoryStore, Store
 from gateway.validate import positive
-from plugins._buckets import Bucket, settle
+from plugins._buckets import Bucket, settle, show
 from plugins.fair_share import FairQueue, Waiter
 
 if TYPE_CHECKING:
@@ -164,13 +164,21 @@ class Plugin:
         if store.__class__ is not MemoryStore:
             return self._take_then_queue(call, store, ticket, estimate)
         headers = call.response_headers
-        if requests is not None:
+        if requests is not None and tokens is not None:  # the usual case: both, at one moment, both or neither
+            wait, left, tokens_wait, tokens_left = store.take_pair_now(
+                requests.name, 1.0, requests.rate, requests.limit, tokens.name, estimate, tokens.rate, tokens.limit
+            )
+            if wait or tokens_wait:
+                settle(requests, 1.0, wait, left, headers)  # raises the 429 if the requests bucket refused
+                settle(tokens, estimate, tokens_wait, tokens_left, headers)  # else the tokens bucket did
+            show(requests, left, headers)
+            show(tokens, tokens_left, headers)
+            ticket.tpm, ticket.tokens = tokens, estimate  # corrected with the real usage once the answer is in
+        elif requests is not None:
             wait, left = store.take_now(requests.name, 1.0, requests.rate, requests.limit)
             settle(requests, 1.0, wait, left, headers)  # raises the 429 if refused
-        if tokens is not None:
+        elif tokens is not None:
             wait, left = store.take_now(tokens.name, estimate, tokens.rate, tokens.limit)
-            if wait and requests is not None:  # refused: a refused request costs nothing
-                store.take_now(requests.name, -1, requests.rate, requests.limit)
             settle(tokens, estimate, wait, left, headers)
             ticket.tpm, ticket.tokens = tokens, estimate  # corrected with the real usage once the answer is in
         if self.fair_queue and (self.queue.count or call.gateway.registry.any_limited):

@@ -103,6 +103,21 @@ async def test_tokens_are_estimated_up_front_and_corrected_with_the_real_usage(
     assert "lower max_tokens" in body["error"]["message"]
 
 
+async def test_a_request_its_tokens_refuse_costs_none_of_its_requests(
+    start_backend: StartBackend, start_gateway: StartGateway
+) -> None:
+    gateway = await _gateway(start_backend, start_gateway)
+    store: MemoryStore = gateway.state.store  # type: ignore[assignment]
+    store.take_now("ratelimit:tokens:key:id-fay", 900, 1000 / 60, 1000)  # another gateway's worth: 100 left
+    status, body, headers = await _chat(gateway.url, "fay,rpm=2,tpm=1000", max_tokens=500)
+    assert status == 429 and body["error"]["code"] == "rate_limit_exceeded"
+    assert "tokens a minute" in body["error"]["message"]
+    assert headers["x-ratelimit-remaining-requests"] == "2" and int(headers["Retry-After"]) >= 26  # 430 more at 16.7/s
+    assert await store.peek("ratelimit:requests:key:id-fay", rate=2 / 60, capacity=2) == pytest.approx(2, abs=0.01)
+    assert [(await _chat(gateway.url, "fay,rpm=2,tpm=1000"))[0] for _ in range(2)] == [429, 429]  # still no tokens
+    assert await store.peek("ratelimit:requests:key:id-fay", rate=2 / 60, capacity=2) == pytest.approx(2, abs=0.01)
+
+
 async def test_an_underestimate_becomes_a_debt_the_next_request_waits_for() -> None:
     store = MemoryStore()
     assert await store.take("t", 90, rate=1, capacity=100) == 0.0

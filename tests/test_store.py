@@ -76,3 +76,17 @@ def test_giving_tokens_back_is_taking_a_negative_amount_at_every_later_moment() 
     assert taken.take_now("k", 0, 4, 10)[1] == given.take_now("k", 0, 4, 10)[1] == 10
     given.give_now("never taken", 3)  # a bucket the store does not hold is full: nothing to give back to
     assert "never taken" not in given._buckets
+
+
+def test_a_pair_of_buckets_is_taken_from_at_one_moment_both_or_neither() -> None:
+    store = MemoryStore()
+    assert store.take_pair_now("r", 1, 1, 2, "t", 30, 10, 100) == (0.0, 1, 0.0, 70)  # both taken
+    wait, left, tokens_wait, tokens_left = store.take_pair_now("r", 1, 1, 2, "t", 80, 10, 100)
+    assert wait == 0.0 and tokens_wait == pytest.approx(1.0, abs=0.01)  # 70 there, 80 asked: 1 s at 10 a second
+    assert left == pytest.approx(1, abs=0.01) and tokens_left == pytest.approx(70, abs=0.1)  # neither was taken
+    wait, left, tokens_wait, _ = store.take_pair_now("r", 1, 1, 2, "t", 1, 10, 100)
+    assert wait == 0.0 and tokens_wait == 0.0 and left == pytest.approx(0, abs=0.01)
+    wait, left, tokens_wait, tokens_left = store.take_pair_now("r", 1, 1, 2, "t", 1, 10, 100)
+    assert wait == pytest.approx(1.0, abs=0.01) and tokens_wait == 0.0  # the requests bucket refuses this time
+    assert tokens_left == pytest.approx(69, abs=0.1)  # and the tokens bucket gave nothing either
+    assert store.take_now("t", 0, 10, 100)[1] == pytest.approx(69, abs=0.1)
