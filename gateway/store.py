@@ -133,6 +133,7 @@ class MemoryStore:
                 if other_rate > 0
                 else INFINITY
             )
+        buckets = self._buckets  # again: a new bucket's _wrote may have pruned, which makes a new dict
         buckets[key] = (tokens, now, rate, capacity)
         buckets[other] = (other_tokens, now, other_rate, other_capacity)
         return wait, tokens, other_wait, other_tokens

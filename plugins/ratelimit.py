@@ -149,7 +149,8 @@ class Plugin:
                 "max_concurrency": cap,
             }  # fmt: skip
             return None
-        if cap is not None:  # a key without a cap is not counted: nothing would read its count
+        if cap is not None:  # a key without a cap is not counted: nothing would read its count (so a cap given to
+            # a key while calls of it are in flight counts the calls from then on, not those)
             key = limits.key
             running = self.running.get(key, 0)
             if running >= cap:

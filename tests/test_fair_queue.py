@@ -53,8 +53,8 @@ async def test_a_client_that_hangs_up_while_queued_leaves_the_queue_at_once(
     plugin = gateway.state.plugins.pm.get_plugin("ratelimit")
     busy = asyncio.create_task(_post(gateway.url, "ann"))
     await eventually(lambda: gateway.state.registry.for_model(MODEL)[0].in_flight == 1)
-    queued = asyncio.create_task(_post(gateway.url, "ben"))
-    await eventually(lambda: len(plugin.queue) == 1)
+    queued = asyncio.create_task(_post(gateway.url, "ben,max_concurrency=5"))  # a cap: its calls are counted
+    await eventually(lambda: len(plugin.queue) == 1 and plugin.running.get("key:id-ben") == 1)
     queued.cancel()
     await eventually(lambda: len(plugin.queue) == 0 and not plugin.running.get("key:id-ben"), timeout=0.2)
     assert (await busy)[0] == 200

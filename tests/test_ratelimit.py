@@ -112,7 +112,7 @@ async def test_a_request_its_tokens_refuse_costs_none_of_its_requests(
     status, body, headers = await _chat(gateway.url, "fay,rpm=2,tpm=1000", max_tokens=500)
     assert status == 429 and body["error"]["code"] == "rate_limit_exceeded"
     assert "tokens a minute" in body["error"]["message"]
-    assert headers["x-ratelimit-remaining-requests"] == "2" and int(headers["Retry-After"]) >= 26  # 430 more at 16.7/s
+    assert headers["x-ratelimit-remaining-requests"] == "2" and int(headers["Retry-After"]) >= 20  # ~425 more at 16.7/s
     assert await store.peek("ratelimit:requests:key:id-fay", rate=2 / 60, capacity=2) == pytest.approx(2, abs=0.01)
     assert [(await _chat(gateway.url, "fay,rpm=2,tpm=1000"))[0] for _ in range(2)] == [429, 429]  # still no tokens
     assert await store.peek("ratelimit:requests:key:id-fay", rate=2 / 60, capacity=2) == pytest.approx(2, abs=0.01)

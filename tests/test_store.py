@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from gateway.store import PRUNE_EVERY, MemoryStore
+from gateway.store import PRUNE_EVERY, PRUNE_MASK, MemoryStore
 
 
 async def test_a_bucket_refills_at_its_rate_and_gives_back() -> None:
@@ -61,32 +61,38 @@ def test_giving_tokens_back_is_taking_a_negative_amount_at_every_later_moment() 
     for store in (taken, given):
         store.take_now("k", 9, rate=4, capacity=10)  # 1 left, refilled at 4 a second
         store.take_now("debt", 12, rate=4, capacity=10, force=True)  # 2 in debt
-    taken.take_now("k", -5, rate=4, capacity=10)
-    given.give_now("k", 5)
-    taken.take_now("debt", -3, rate=4, capacity=10)
-    given.give_now("debt", 3)
-    level = {name: (taken.take_now(name, 0, 4, 10)[1], given.take_now(name, 0, 4, 10)[1]) for name in ("k", "debt")}
-    assert level["k"][0] == pytest.approx(6, abs=0.05) and level["k"][1] == pytest.approx(level["k"][0], abs=0.01)
-    assert level["debt"][0] == pytest.approx(1, abs=0.05)
-    assert level["debt"][1] == pytest.approx(level["debt"][0], abs=0.01)
-    time.sleep(0.5)  # 2 more tokens each: still below the capacity
-    assert given.take_now("k", 0, 4, 10)[1] == pytest.approx(taken.take_now("k", 0, 4, 10)[1], abs=0.01)
-    taken.take_now("k", -20, rate=4, capacity=10)  # never past the capacity, now or later
-    given.give_now("k", 20)
+        store.take_now("full", 2, rate=4, capacity=10)  # full again in half a second
+    time.sleep(0.25)  # a token of refill since each bucket's last take, which a give must keep
+    for name, amount in (("k", 5), ("debt", 3), ("full", 1), ("k", 20)):  # the last one past the capacity
+        taken.take_now(name, -amount, rate=4, capacity=10)
+        given.give_now(name, amount)
+        assert given.take_now(name, 0, 4, 10)[1] == pytest.approx(taken.take_now(name, 0, 4, 10)[1], abs=0.02)
     assert taken.take_now("k", 0, 4, 10)[1] == given.take_now("k", 0, 4, 10)[1] == 10
+    time.sleep(0.1)  # and later on
+    assert given.take_now("debt", 0, 4, 10)[1] == pytest.approx(taken.take_now("debt", 0, 4, 10)[1], abs=0.02)
     given.give_now("never taken", 3)  # a bucket the store does not hold is full: nothing to give back to
     assert "never taken" not in given._buckets
 
 
 def test_a_pair_of_buckets_is_taken_from_at_one_moment_both_or_neither() -> None:
     store = MemoryStore()
-    assert store.take_pair_now("r", 1, 1, 2, "t", 30, 10, 100) == (0.0, 1, 0.0, 70)  # both taken
-    wait, left, tokens_wait, tokens_left = store.take_pair_now("r", 1, 1, 2, "t", 80, 10, 100)
-    assert wait == 0.0 and tokens_wait == pytest.approx(1.0, abs=0.01)  # 70 there, 80 asked: 1 s at 10 a second
-    assert left == pytest.approx(1, abs=0.01) and tokens_left == pytest.approx(70, abs=0.1)  # neither was taken
-    wait, left, tokens_wait, _ = store.take_pair_now("r", 1, 1, 2, "t", 1, 10, 100)
+    r, t = (1 / 600, 2), (100 / 600, 100)  # refills so slow that the test's own time changes no figure
+    assert store.take_pair_now("r", 1, *r, "t", 30, *t) == (0.0, 1, 0.0, 70)  # both taken
+    wait, left, tokens_wait, tokens_left = store.take_pair_now("r", 1, *r, "t", 80, *t)
+    assert wait == 0.0 and tokens_wait == pytest.approx(60, rel=0.01)  # 70 there, 80 asked: 10 at 1/6 a second
+    assert left == pytest.approx(1, abs=0.01) and tokens_left == pytest.approx(70, abs=0.01)  # neither was taken
+    wait, left, tokens_wait, _ = store.take_pair_now("r", 1, *r, "t", 1, *t)
     assert wait == 0.0 and tokens_wait == 0.0 and left == pytest.approx(0, abs=0.01)
-    wait, left, tokens_wait, tokens_left = store.take_pair_now("r", 1, 1, 2, "t", 1, 10, 100)
-    assert wait == pytest.approx(1.0, abs=0.01) and tokens_wait == 0.0  # the requests bucket refuses this time
-    assert tokens_left == pytest.approx(69, abs=0.1)  # and the tokens bucket gave nothing either
-    assert store.take_now("t", 0, 10, 100)[1] == pytest.approx(69, abs=0.1)
+    wait, left, tokens_wait, tokens_left = store.take_pair_now("r", 1, *r, "t", 1, *t)
+    assert wait == pytest.approx(600, rel=0.01) and tokens_wait == 0.0  # the requests bucket refuses this time
+    assert tokens_left == pytest.approx(69, abs=0.01)  # and the tokens bucket gave nothing either
+    assert store.take_now("t", 0, *t)[1] == pytest.approx(69, abs=0.01)
+
+
+def test_a_pair_taken_as_its_new_bucket_sets_off_a_prune_is_kept() -> None:
+    store = MemoryStore()
+    store._writes = PRUNE_MASK - 1  # the next new bucket is the one that prunes
+    assert store.take_pair_now("r", 1, 1 / 600, 1, "t", 500, 1000 / 600, 1000)[::2] == (0.0, 0.0)
+    assert set(store._buckets) == {"r", "t"}  # written into the store, not into the dict the prune replaced
+    wait, _, tokens_wait, _ = store.take_pair_now("r", 1, 1 / 600, 1, "t", 500, 1000 / 600, 1000)
+    assert wait > 500 and tokens_wait == 0.0  # one request a minute: the second is refused
