@@ -47,6 +47,38 @@ Returns {the wait (-1: never), the tokens left}."""
 
 PEEK = _LEVEL + "return string.format('%.17g', tokens)"
 
+TAKE_PAIR = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+local function level(key, rate, capacity)
+  local state = redis.call('HMGET', key, 'tokens', 'at')
+  local tokens = tonumber(state[1]) or capacity
+  local at = tonumber(state[2]) or now
+  return math.min(capacity, tokens + math.max(0, now - at) * rate)
+end
+local function wait_for(amount, tokens, rate)
+  if amount <= tokens or amount <= 0 then return 0 elseif rate > 0 then return (amount - tokens) / rate end
+  return -1
+end
+local function keep(key, tokens, rate, capacity)
+  redis.call('HSET', key, 'tokens', string.format('%.17g', tokens), 'at', string.format('%.17g', now))
+  if rate > 0 then redis.call('PEXPIRE', key, math.ceil((capacity - tokens) / rate * 1000) + 1000) end
+end
+local amount, rate, capacity = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local other_amount, other_rate, other_capacity = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
+local tokens, other_tokens = level(KEYS[1], rate, capacity), level(KEYS[2], other_rate, other_capacity)
+local wait, other_wait = wait_for(amount, tokens, rate), wait_for(other_amount, other_tokens, other_rate)
+if wait == 0 and other_wait == 0 then
+  tokens, other_tokens = tokens - amount, other_tokens - other_amount
+end
+keep(KEYS[1], tokens, rate, capacity)
+keep(KEYS[2], other_tokens, other_rate, other_capacity)
+return {string.format('%.17g', wait), string.format('%.17g', tokens),
+        string.format('%.17g', other_wait), string.format('%.17g', other_tokens)}
+"""
+"""Take ARGV[1] from KEYS[1] (rate ARGV[2]/s, capacity ARGV[3]) and ARGV[4] from KEYS[2] (ARGV[5], ARGV[6]), both
+or neither. Returns {wait, tokens left, the other's wait, its tokens left} (a wait of -1: never)."""
+
 ADD = """
 local value = redis.call('INCRBYFLOAT', KEYS[1], ARGV[1])
 if ARGV[2] ~= '' then redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
@@ -62,6 +94,7 @@ class RedisStore:
         self.client: redis.Redis = redis.from_url(url, decode_responses=False)
         self._take = self.client.register_script(TAKE)
         self._peek = self.client.register_script(PEEK)
+        self._take_pair = self.client.register_script(TAKE_PAIR)
         self._add = self.client.register_script(ADD)
 
     async def ping(self) -> None:
@@ -75,8 +108,15 @@ class RedisStore:
         self, key: str, amount: float, rate: float, capacity: float, force: bool = False
     ) -> tuple[float, float]:
         reply = await self._take(keys=[key], args=[repr(amount), repr(rate), repr(capacity), int(force)])
-        wait, tokens = _number(reply[0]), _number(reply[1])
-        return (float("inf") if wait < 0 else wait), tokens
+        return _wait(_number(reply[0])), _number(reply[1])
+
+    async def take_pair(
+        self, key: str, amount: float, rate: float, capacity: float,
+        other: str, other_amount: float, other_rate: float, other_capacity: float,
+    ) -> tuple[float, float, float, float]:  # fmt: skip
+        args = [repr(amount), repr(rate), repr(capacity), repr(other_amount), repr(other_rate), repr(other_capacity)]
+        wait, tokens, other_wait, other_tokens = map(_number, await self._take_pair(keys=[key, other], args=args))
+        return _wait(wait), tokens, _wait(other_wait), other_tokens
 
     async def peek(self, key: str, rate: float, capacity: float) -> float:
         return _number(await self._peek(keys=[key], args=[0, repr(rate), repr(capacity)]))
@@ -101,3 +141,8 @@ class RedisStore:
 
 def _number(reply: Any) -> float:
     return float(reply.decode() if isinstance(reply, bytes) else reply)
+
+
+def _wait(seconds: float) -> float:
+    """A script's wait: -1 means never (a bucket that does not refill)."""
+    return float("inf") if seconds < 0 else seconds

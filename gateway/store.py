@@ -31,6 +31,14 @@ class Store(Protocol):
     ) -> tuple[float, float]:
         """``take``, and the tokens left in the bucket after it, in one step (one round trip to Redis)."""
 
+    async def take_pair(
+        self, key: str, amount: float, rate: float, capacity: float,
+        other: str, other_amount: float, other_rate: float, other_capacity: float,
+    ) -> tuple[float, float, float, float]:  # fmt: skip
+        """``take_level`` from two buckets at one moment, both or neither (a caller's requests and tokens, say):
+        ``(wait, tokens left, the other's wait, its tokens left)``. A wait above 0 means that bucket refused, and
+        neither was taken. Amounts are 0 or more (takes, not corrections). One round trip to Redis."""
+
     async def peek(self, key: str, rate: float, capacity: float) -> float:
         """The tokens in a bucket now."""
 
@@ -72,6 +80,12 @@ class MemoryStore:
     ) -> tuple[float, float]:
         return self.take_now(key, amount, rate, capacity, force)
 
+    async def take_pair(
+        self, key: str, amount: float, rate: float, capacity: float,
+        other: str, other_amount: float, other_rate: float, other_capacity: float,
+    ) -> tuple[float, float, float, float]:  # fmt: skip
+        return self.take_pair_now(key, amount, rate, capacity, other, other_amount, other_rate, other_capacity)
+
     def take_now(
         self, key: str, amount: float, rate: float, capacity: float, force: bool = False
     ) -> tuple[float, float]:
@@ -99,10 +113,9 @@ class MemoryStore:
         self, key: str, amount: float, rate: float, capacity: float,
         other: str, other_amount: float, other_rate: float, other_capacity: float,
     ) -> tuple[float, float, float, float]:  # fmt: skip
-        """``take_now`` from two buckets at one moment, both or neither (a caller's requests and tokens, say):
-        each one's wait and tokens left. A wait above 0 means that bucket refused, and neither was taken.
-        Amounts are 0 or more (takes, not corrections)."""
-        now = monotonic()  # take_now twice over, inlined: this runs for every request with both limits
+        """``take_pair`` without a coroutine."""
+        now = monotonic()  # take_now's level twice over, inlined (a call per bucket is what this saves): every
+        # request with both limits comes here
         buckets = self._buckets
         found = buckets.get(key)
         if found is None:

@@ -41,6 +41,20 @@ def show(bucket: Bucket, left: float, headers: dict[str, str], reset: float = 0.
     headers[reset_name] = f"{round(reset * 1000)}ms" if reset < 1 else duration(reset)  # duration's usual case
 
 
+Pair = tuple[float, float, float, float]  # a take_pair's answer: each bucket's wait and tokens left
+
+
+def settle_pair(requests: Bucket, tokens: Bucket, estimate: float, answer: Pair, headers: dict[str, str]) -> None:
+    """``settle`` both of a caller's buckets from one ``take_pair`` (requests, then tokens): a 429 if either refused
+    (the requests bucket's first), with the headers of both."""
+    wait, left, tokens_wait, tokens_left = answer
+    if wait or tokens_wait:
+        settle(requests, 1.0, wait, left, headers)
+        settle(tokens, estimate, tokens_wait, tokens_left, headers)
+    show(requests, left, headers)
+    show(tokens, tokens_left, headers)
+
+
 def settle(bucket: Bucket, amount: float, wait: float, left: float, headers: dict[str, str]) -> None:
     """Set a bucket's x-ratelimit-* headers from a take's answer (``wait``, tokens ``left``); a 429 if it refused
     (its reset is then when this request's amount is there)."""

@@ -30,7 +30,7 @@ from gateway.identity import Identity
 from gateway.pump import NUMBER
 from gateway.store import MemoryStore, Store
 from gateway.validate import positive
-from plugins._buckets import Bucket, settle, show
+from plugins._buckets import Bucket, settle, settle_pair
 from plugins.fair_share import FairQueue, Waiter
 
 if TYPE_CHECKING:
@@ -166,14 +166,10 @@ class Plugin:
             return self._take_then_queue(call, store, ticket, estimate)
         headers = call.response_headers
         if requests is not None and tokens is not None:  # the usual case: both, at one moment, both or neither
-            wait, left, tokens_wait, tokens_left = store.take_pair_now(
+            answer = store.take_pair_now(
                 requests.name, 1.0, requests.rate, requests.limit, tokens.name, estimate, tokens.rate, tokens.limit
             )
-            if wait or tokens_wait:
-                settle(requests, 1.0, wait, left, headers)  # raises the 429 if the requests bucket refused
-                settle(tokens, estimate, tokens_wait, tokens_left, headers)  # else the tokens bucket did
-            show(requests, left, headers)
-            show(tokens, tokens_left, headers)
+            settle_pair(requests, tokens, estimate, answer, headers)  # raises the 429 if either refused
             ticket.tpm, ticket.tokens = tokens, estimate  # corrected with the real usage once the answer is in
         elif requests is not None:
             wait, left = store.take_now(requests.name, 1.0, requests.rate, requests.limit)
@@ -187,19 +183,20 @@ class Plugin:
         return None  # the usual case, checked here: nobody waits and no backend has a slot to keep
 
     async def _take_then_queue(self, call: Call, store: Store, ticket: Ticket, estimate: float) -> None:
-        """``before_request`` with a shared store (Redis): each take is a round trip."""
+        """``before_request`` with a shared store (Redis): a round trip for the take (one for both buckets)."""
         requests, tokens = ticket.limits.requests, ticket.limits.tokens
-        if requests is not None:
+        if requests is not None and tokens is not None:  # both or neither, in one round trip
+            answer = await store.take_pair(
+                requests.name, 1.0, requests.rate, requests.limit, tokens.name, estimate, tokens.rate, tokens.limit
+            )
+            settle_pair(requests, tokens, estimate, answer, call.response_headers)
+            ticket.tpm, ticket.tokens = tokens, estimate
+        elif requests is not None:
             wait, left = await store.take_level(requests.name, 1.0, requests.rate, requests.limit)
             settle(requests, 1.0, wait, left, call.response_headers)
-        if tokens is not None:
-            try:
-                wait, left = await store.take_level(tokens.name, estimate, tokens.rate, tokens.limit)
-                settle(tokens, estimate, wait, left, call.response_headers)
-            except GatewayError:  # refused: a refused request costs nothing
-                if requests is not None:
-                    await store.take(requests.name, -1, requests.rate, requests.limit)
-                raise
+        elif tokens is not None:
+            wait, left = await store.take_level(tokens.name, estimate, tokens.rate, tokens.limit)
+            settle(tokens, estimate, wait, left, call.response_headers)
             ticket.tpm, ticket.tokens = tokens, estimate
         waiting = self._queue(call, ticket, ticket.limits.high)
         if waiting is not None:

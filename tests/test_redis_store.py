@@ -37,6 +37,14 @@ async def test_both_stores_keep_the_same_contract(store: Store) -> None:
     assert wait == 0.0 and 6.99 < left < 7.01
     wait, left = await store.take_level("level", 8, rate=0.001, capacity=10)  # refused: nothing taken
     assert wait > 900 and 6.99 < left < 7.01 and 6.99 < await store.peek("level", rate=0.001, capacity=10) < 7.01
+    slow = (0.001, 10)  # refill a second, capacity: slow enough that the test's own time changes no figure
+    wait, left, other_wait, other_left = await store.take_pair("p", 1, *slow, "q", 4, *slow)  # both taken
+    assert wait == other_wait == 0.0 and 8.99 < left < 9.01 and 5.99 < other_left < 6.01
+    wait, left, other_wait, other_left = await store.take_pair("p", 1, *slow, "q", 7, *slow)  # the other refuses
+    assert wait == 0.0 and other_wait > 900 and 8.99 < left < 9.01 and 5.99 < other_left < 6.01  # neither taken
+    assert 8.99 < await store.peek("p", *slow) < 9.01
+    wait, _, other_wait, _ = await store.take_pair("p", 1, 0, 0, "q", 1, *slow)
+    assert wait == float("inf") and other_wait == 0.0 and 5.99 < await store.peek("q", *slow) < 6.01
     assert await store.add("c", 1.5) == 1.5 and await store.add("c", 1) == 2.5
     assert await store.add("t", 1, ttl=0.05) == 1
     await store.set("v", b"\x00bytes", ttl=0.05)
@@ -105,6 +113,7 @@ async def test_a_request_refused_for_tokens_takes_nothing_from_either_bucket(
     ):
         refusal = await response.json()
     assert response.status == 429 and "1000 tokens a minute for key 'fay'" in refusal["error"]["message"]
-    assert 9.9 < await store.peek("ratelimit:requests:key:id-fay", rate=10 / 60, capacity=10) <= 10  # given back
+    assert response.headers["x-ratelimit-remaining-requests"] == "10"  # both buckets or neither: none was taken
+    assert 9.9 < await store.peek("ratelimit:requests:key:id-fay", rate=10 / 60, capacity=10) <= 10
     assert await store.peek("ratelimit:tokens:key:id-fay", rate=1000 / 60, capacity=1000) < 150  # no refund of
     # tokens it never took

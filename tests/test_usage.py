@@ -95,13 +95,15 @@ async def test_a_backend_that_reports_no_usage_is_counted_with_a_tokenizer_and_m
     assert rows(gateway)[0]["estimated"] == 1 and rows(gateway)[0]["key_id"] is None
 
 
+BUDGETED = {IDENTITY: {"budgets": {"alice": 0.01}}, "usage": {"flush_interval": 60}}  # a flush a minute away
+PRICEY = {"echo": {"cost_per_1k_prompt_tokens": 1500.0}}  # 4 prompt tokens: 6.0 a request
+
+
 async def test_writes_are_batched_and_spend_survives_a_restart_so_the_budget_still_holds(
     start_backend: StartBackend, start_gateway: StartGateway
 ) -> None:
     backend = await start_backend()
-    plugins = {IDENTITY: {"budgets": {"alice": 0.01}}, "usage": {"flush_interval": 60}}
-    prices = {"echo": {"cost_per_1k_prompt_tokens": 1500.0}}  # 4 prompt tokens: 6.0 a request
-    gateway = await start_gateway(backend, plugins=plugins, models=prices)
+    gateway = await start_gateway(backend, plugins=BUDGETED, models=PRICEY)
     await client(gateway).chat.completions.create(model="echo", messages=MESSAGES)
     await client(gateway, "bob").chat.completions.create(model="echo", messages=MESSAGES)  # bob has no budget
     assert rows(gateway) == []  # queued, not yet written: the next flush is a minute away
@@ -114,7 +116,7 @@ async def test_writes_are_batched_and_spend_survives_a_restart_so_the_budget_sti
 
     await gateway.server.close()  # a clean shutdown writes the queue
     assert [(r["key_name"], r["status"]) for r in rows(gateway)] == [("alice", 200), ("bob", 200), ("alice", 429)]
-    again = await start_gateway(backend, plugins=plugins, models=prices)
+    again = await start_gateway(backend, plugins=BUDGETED, models=PRICEY)
     with pytest.raises(openai.RateLimitError):
         await client(again).chat.completions.create(model="echo", messages=MESSAGES)
     assert len(backend.seen) == 2
@@ -124,16 +126,14 @@ async def test_an_older_database_loses_the_unread_key_index_and_keeps_its_rows_a
     start_backend: StartBackend, start_gateway: StartGateway
 ) -> None:
     backend = await start_backend()
-    plugins = {IDENTITY: {"budgets": {"alice": 0.01}}, "usage": {"flush_interval": 60}}
-    prices = {"echo": {"cost_per_1k_prompt_tokens": 1500.0}}  # 4 prompt tokens: 6.0 a request
-    gateway = await start_gateway(backend, plugins=plugins, models=prices)
+    gateway = await start_gateway(backend, plugins=BUDGETED, models=PRICEY)
     await client(gateway).chat.completions.create(model="echo", messages=MESSAGES)
     await gateway.server.close()  # writes the row
     path = gateway.state.config.database_path
     with sqlite3.connect(path) as db:  # as the version before this one left it: the index, at schema version 1
         db.execute("CREATE INDEX usage_requests_key ON usage_requests (key_id)")
         db.execute("UPDATE plugin_schemas SET version = 1 WHERE plugin = 'usage'")
-    again = await start_gateway(backend, plugins=plugins, models=prices)
+    again = await start_gateway(backend, plugins=BUDGETED, models=PRICEY)
     with pytest.raises(openai.RateLimitError):  # the spend was read back: alice is over her budget
         await client(again).chat.completions.create(model="echo", messages=MESSAGES)
     with sqlite3.connect(path) as db:
