@@ -28,6 +28,9 @@ class Bucket:
         return cls(kind, bucket(kind, key), limit, limit / 60, who, str(limit), headers)
 
 
+Pair = tuple[float, float, float, float]  # a take_pair's answer: each bucket's wait and tokens left
+
+
 def bucket(kind: str, key: str) -> str:
     return f"ratelimit:{kind}:{key}"
 
@@ -41,14 +44,12 @@ def show(bucket: Bucket, left: float, headers: dict[str, str], reset: float = 0.
     headers[reset_name] = f"{round(reset * 1000)}ms" if reset < 1 else duration(reset)  # duration's usual case
 
 
-Pair = tuple[float, float, float, float]  # a take_pair's answer: each bucket's wait and tokens left
-
-
 def settle_pair(requests: Bucket, tokens: Bucket, estimate: float, answer: Pair, headers: dict[str, str]) -> None:
     """``settle`` both of a caller's buckets from one ``take_pair`` (requests, then tokens): a 429 if either refused
     (the requests bucket's first), with the headers of both."""
     wait, left, tokens_wait, tokens_left = answer
     if wait or tokens_wait:
+        show(tokens, tokens_left, headers, tokens_wait)  # in the 429 too, whichever bucket refused
         settle(requests, 1.0, wait, left, headers)
         settle(tokens, estimate, tokens_wait, tokens_left, headers)
     show(requests, left, headers)

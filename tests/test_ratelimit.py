@@ -103,6 +103,18 @@ async def test_tokens_are_estimated_up_front_and_corrected_with_the_real_usage(
     assert "lower max_tokens" in body["error"]["message"]
 
 
+async def test_a_refusal_by_either_limit_carries_the_headers_of_both(
+    start_backend: StartBackend, start_gateway: StartGateway
+) -> None:
+    gateway = await _gateway(start_backend, start_gateway)
+    assert (await _chat(gateway.url, "gus,rpm=1,tpm=100000"))[0] == 200
+    status, body, headers = await _chat(gateway.url, "gus,rpm=1,tpm=100000")  # its one request a minute is used
+    assert status == 429 and "1 requests a minute" in body["error"]["message"]
+    assert headers["x-ratelimit-remaining-requests"] == "0" and headers["x-ratelimit-limit-tokens"] == "100000"
+    assert 99_000 < int(headers["x-ratelimit-remaining-tokens"]) <= 100_000
+    assert headers["x-ratelimit-reset-tokens"].endswith("ms")  # the first answer's tokens: back within a second
+
+
 async def test_a_request_its_tokens_refuse_costs_none_of_its_requests(
     start_backend: StartBackend, start_gateway: StartGateway
 ) -> None:

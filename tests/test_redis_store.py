@@ -66,6 +66,24 @@ async def test_two_clients_racing_never_take_more_than_the_bucket_holds(redis_ur
     assert sum(1 for wait in results if wait == 0.0) == 10
 
 
+async def test_two_clients_racing_for_a_pair_take_both_or_neither_and_never_more(redis_url: str) -> None:  # noqa: F811
+    one, two = RedisStore(redis_url), RedisStore(redis_url)
+    try:
+        pairs = [s.take_pair("rq", 1, 0.001, 10, "tk", 80, 0.001, 1000) for _ in range(40) for s in (one, two)]
+        results = await asyncio.gather(*pairs)
+        requests_left = await one.peek("rq", rate=0.001, capacity=10)
+        tokens_left = await one.peek("tk", rate=0.001, capacity=1000)
+        expiries = [await one.client.pttl(key) for key in ("rq", "tk")]  # both buckets expire once full again
+        wait, _, other_wait, _ = await one.take_pair("p0", 1, 0.001, 10, "q0", 1, 0, 0)  # the other never refills
+    finally:
+        await one.close()
+        await two.close()
+    assert sum(1 for wait, _, other, _ in results if wait == other == 0.0) == 10  # the requests bucket's ten
+    assert -0.1 < requests_left < 0.1 and 199 < tokens_left < 201  # ten of each taken: none without the other
+    assert all(ttl > 1000 for ttl in expiries)
+    assert wait == 0.0 and other_wait == float("inf")
+
+
 async def test_two_gateways_on_one_redis_enforce_one_rpm_limit_between_them(
     redis_url: str,  # noqa: F811
     start_backend: StartBackend,

@@ -76,10 +76,10 @@ def test_giving_tokens_back_is_taking_a_negative_amount_at_every_later_moment() 
 
 def test_a_pair_of_buckets_is_taken_from_at_one_moment_both_or_neither() -> None:
     store = MemoryStore()
-    r, t = (1 / 600, 2), (100 / 600, 100)  # refills so slow that the test's own time changes no figure
+    r, t = (1 / 600, 2), (1 / 60, 100)  # refills so slow that the test's own time changes no figure
     assert store.take_pair_now("r", 1, *r, "t", 30, *t) == (0.0, 1, 0.0, 70)  # both taken
     wait, left, tokens_wait, tokens_left = store.take_pair_now("r", 1, *r, "t", 80, *t)
-    assert wait == 0.0 and tokens_wait == pytest.approx(60, rel=0.01)  # 70 there, 80 asked: 10 at 1/6 a second
+    assert wait == 0.0 and tokens_wait == pytest.approx(600, rel=0.01)  # 70 there, 80 asked: 10 at 1/60 a second
     assert left == pytest.approx(1, abs=0.01) and tokens_left == pytest.approx(70, abs=0.01)  # neither was taken
     wait, left, tokens_wait, _ = store.take_pair_now("r", 1, *r, "t", 1, *t)
     assert wait == 0.0 and tokens_wait == 0.0 and left == pytest.approx(0, abs=0.01)
