@@ -200,11 +200,15 @@ async def streams(url: str, count: int, chunks: int, gap_ms: float) -> dict[str,
 def gateway_config(
     tmp: Path, port: int, backend_port: int, extra: str | None = None, workers: str = "1", uvloop: str = ""
 ) -> Path:
-    """The default plugins of gateway.yaml; ``extra`` names a YAML file whose ``plugins`` are added."""
+    """The default plugins of gateway.yaml; ``extra`` names a YAML file whose ``plugins`` are added (and whose
+    ``state``, if any, is the gateway's: e.g. ``{redis: ${REDIS_URL}}``)."""
     plugins = "health: {interval: 10, timeout: 5}, circuit_breaker: {}, task_aware: {}"
+    state = ""
     if extra:
-        added = yaml.safe_load(Path(extra).read_text())["plugins"]
+        loaded = yaml.safe_load(Path(extra).read_text())
+        added = loaded["plugins"]
         plugins += ", " + ", ".join(f"{name}: {json.dumps(options or {})}" for name, options in added.items())
+        state = f"state: {json.dumps(loaded['state'])}\n" if loaded.get("state") else ""
     config = tmp / f"gateway-{port}.yaml"
     more = "" if workers == "1" else f", workers: {workers}"  # an older checkout knows no server.workers
     more += f", uvloop: {uvloop}" if uvloop else ""  # nor server.uvloop
@@ -213,7 +217,7 @@ def gateway_config(
         f"admin: {{api_key: {ADMIN_KEY}}}\n"
         f"backends: [{{name: bench, url: 'http://127.0.0.1:{backend_port}', models: [bench]}}]\n"
         "logging: {level: info, format: json}\n"
-        f"plugins: {{{plugins}}}\n"
+        f"plugins: {{{plugins}}}\n{state}"
     )
     return config
 
