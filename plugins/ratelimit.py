@@ -3,7 +3,8 @@
 Limits come from the caller's key (``call.identity``: ``rpm``, ``tpm``, ``max_concurrency``),
 else from the options (``rpm``... for keys without their own, ``anonymous_*`` per client
 address). Both rates are token buckets in ``gateway.store``, so gateways sharing a Redis
-store enforce one limit. A request's tokens are estimated up front (body length /
+store enforce one limit; a key's two are taken from together, both or neither
+(``store.take_pair``). A request's tokens are estimated up front (body length /
 ``chars_per_token`` plus ``max_tokens``) and corrected with the answer's real ``usage``.
 Answers carry OpenAI's ``x-ratelimit-*`` headers; a refusal is a 429 with ``Retry-After``.
 
