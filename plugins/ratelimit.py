@@ -22,7 +22,7 @@ import asyncio
 import time
 from collections.abc import Awaitable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from gateway import hookimpl
 from gateway.call import peer_closed
@@ -41,6 +41,7 @@ if TYPE_CHECKING:
 
 UNLIMITED = None
 MOST_TOKENS = 2**53  # an estimate's bound: more than any tpm, and a float still
+CORRECT_EVERY = 0.1  # seconds between two batches of token corrections to a shared store
 
 
 @dataclass(frozen=True)
@@ -123,6 +124,7 @@ class Plugin:
         self.limits: dict[str, Limits] = {}  # key id -> its names and limits, for its current Identity
         self.tokens_per_byte = 1 / self.options.chars_per_token
         self.fair_queue = self.options.fair_queue
+        self.owed: dict[str, list[float]] = {}  # a shared store's bucket -> [tokens to take (< 0: give), rate, limit]
         self.gateway: Gateway | None = None
 
     @hookimpl
@@ -130,9 +132,27 @@ class Plugin:
         self.gateway = gateway
         if self.options.fair_queue:  # slots also free up outside request_complete (failover, health)
             gateway.every(0.1, self._tick, name="ratelimit")
+        if gateway.store.__class__ is not MemoryStore:
+            gateway.every(CORRECT_EVERY, self.correct, name="ratelimit-corrections")
+
+    @hookimpl
+    async def shutdown(self) -> None:
+        await self.correct()  # before the gateway closes its store
 
     async def _tick(self) -> None:
         self.queue.dispatch(self._admit)
+
+    async def correct(self) -> None:
+        """Take (or give back) the token corrections owed to a shared store since the last batch: a round trip a
+        bucket every CORRECT_EVERY, not one a request in a task of its own."""
+        if not self.owed or self.gateway is None:
+            return
+        owed, self.owed = self.owed, {}
+        store = self.gateway.store
+        takes = [
+            store.take(name, tokens, rate, limit, force=True) for name, (tokens, rate, limit) in owed.items() if tokens
+        ]
+        await asyncio.gather(*takes)
 
     # -- before the call -------------------------------------------------------------------
 
@@ -348,9 +368,9 @@ class Plugin:
     # -- after the call ------------------------------------------------------------------------
 
     @hookimpl
-    def request_complete(self, call: Call) -> Awaitable[Any] | None:
-        """Release the call's slots; correct its token estimate (synchronously with the in-process store,
-        so no task is needed for this observer)."""
+    def request_complete(self, call: Call) -> None:
+        """Release the call's slots; correct its token estimate (at once in the in-process store, in the next
+        batch in a shared one): synchronous, so no task is needed for this observer."""
         ticket: Ticket | None = call.state.pop("ratelimit", None)
         if ticket is None:
             return None
@@ -384,4 +404,9 @@ class Plugin:
             else:
                 store.take_now(tokens.name, difference, tokens.rate, tokens.limit, True)
             return None
-        return store.take(tokens.name, difference, tokens.rate, tokens.limit, force=True)
+        owed = self.owed.get(tokens.name)  # a shared store: added up, and sent in the next batch (correct)
+        if owed is None:
+            self.owed[tokens.name] = [difference, tokens.rate, tokens.limit]
+        else:
+            owed[0] += difference
+        return None

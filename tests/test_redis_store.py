@@ -84,6 +84,33 @@ async def test_two_clients_racing_for_a_pair_take_both_or_neither_and_never_more
     assert wait == 0.0 and other_wait == float("inf")
 
 
+async def test_token_corrections_reach_redis_in_batches_and_at_shutdown(
+    redis_url: str,  # noqa: F811
+    start_backend: StartBackend,
+    start_gateway: StartGateway,
+) -> None:
+    plugins = {"tests.keys_plugin": None, "ratelimit": {}}
+    gateway = await start_gateway(await start_backend(), plugins=plugins, state={"redis": redis_url})
+    store = RedisStore(redis_url)
+    body = {"model": "echo", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 500}
+    try:
+        async with aiohttp.ClientSession(headers={"Authorization": "Bearer hal,tpm=1000"}) as session:
+            async with session.post(gateway.url + "/v1/chat/completions", json=body) as response:
+                assert response.status == 200 and int(response.headers["x-ratelimit-remaining-tokens"]) < 550
+            for _ in range(100):  # the answer used 8 tokens: the rest of the estimate comes back in the next batch
+                if await store.peek("ratelimit:tokens:key:id-hal", 1000 / 60, 1000) > 990:
+                    break
+                await asyncio.sleep(0.02)
+            assert await store.peek("ratelimit:tokens:key:id-hal", 1000 / 60, 1000) > 990
+            ian = {"Authorization": "Bearer ian,tpm=1000"}
+            async with session.post(gateway.url + "/v1/chat/completions", json=body, headers=ian) as response:
+                assert response.status == 200
+        await gateway.server.close()  # at once: the batch still owed is sent before the store closes
+        assert await store.peek("ratelimit:tokens:key:id-ian", 1000 / 60, 1000) > 990
+    finally:
+        await store.close()
+
+
 async def test_two_gateways_on_one_redis_enforce_one_rpm_limit_between_them(
     redis_url: str,  # noqa: F811
     start_backend: StartBackend,
