@@ -144,7 +144,8 @@ class Plugin:
 
     async def correct(self) -> None:
         """Take (or give back) the token corrections owed to a shared store since the last batch: a round trip a
-        bucket every CORRECT_EVERY, not one a request in a task of its own."""
+        bucket every CORRECT_EVERY, not one a request in a task of its own. A bucket's corrections are added up
+        first, so a give-back and a debt in one batch cancel before the capacity caps either."""
         if not self.owed or self.gateway is None:
             return
         owed, self.owed = self.owed, {}
