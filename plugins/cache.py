@@ -95,17 +95,16 @@ class Plugin:
         """Decide before any plugin changes the body: the key is the request as the client sent it."""
         if call.dry_run or call.endpoint not in self.endpoints:
             return
-        control = call.request.headers.get("Cache-Control")
         body = call.json
+        if self.only_deterministic and body.get("temperature") != 0 and body.get("seed") is None:
+            _tag(call, "bypass")  # not deterministic: whatever the client's Cache-Control says
+            return
+        control = call.request.headers.get("Cache-Control")
         if control is None:  # the usual request: no cache directive to read
-            if self.only_deterministic and body.get("temperature") != 0 and body.get("seed") is None:
-                _tag(call, "bypass")
-            else:
-                call.state["cache.key"] = self.key(call)
+            call.state["cache.key"] = self.key(call)
             return
         control = control.lower()
-        deterministic = body.get("temperature") == 0 or body.get("seed") is not None
-        if "no-store" in control or (self.options.only_deterministic and not deterministic):
+        if "no-store" in control:
             _tag(call, "bypass")
             return
         call.state["cache.key"] = self.key(call)

@@ -130,7 +130,7 @@ class Plugin:
     @hookimpl
     def startup(self, gateway: Gateway) -> None:
         self.gateway = gateway
-        if self.options.fair_queue:  # slots also free up outside request_complete (failover, health)
+        if self.fair_queue:  # slots also free up outside request_complete (failover, health)
             gateway.every(0.1, self._tick, name="ratelimit")
         if gateway.store.__class__ is not MemoryStore:
             gateway.every(CORRECT_EVERY, self.correct, name="ratelimit-corrections")
