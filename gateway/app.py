@@ -108,7 +108,9 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
         yield
     finally:
         await gateway.stop_tasks()
-        await gateway.plugins.call_logged(gateway.plugins.impls("shutdown"), "shutdown_failed", gateway)
+        shutdowns = gateway.plugins.impls("shutdown")  # one that never ends (Redis gone quiet) never holds the stop
+        bound = gateway.config.server.shutdown_timeout
+        await gateway.plugins.call_logged(shutdowns, "shutdown_failed", gateway, timeout=bound)
         await gateway._pool.close()
         await gateway._http.close()
         await gateway.registry.close()

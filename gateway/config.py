@@ -70,7 +70,10 @@ class ServerConfig:
     )
     shutdown_timeout: float = field(
         default=30.0,
-        metadata={"doc": "seconds requests in flight may take to finish after SIGTERM or Ctrl-C", "check": positive},
+        metadata={
+            "doc": "seconds requests in flight may take to finish after SIGTERM or Ctrl-C (and each plugin's shutdown)",
+            "check": positive,
+        },
     )
     keepalive_timeout: float = field(
         default=30.0, metadata={"doc": "seconds an idle keep-alive connection stays open", "check": positive}

@@ -13,6 +13,7 @@ Implementations are called in the order ``gateway.yaml`` lists their plugins
 from __future__ import annotations
 
 import argparse
+import asyncio
 import dataclasses
 import importlib
 import inspect
@@ -199,13 +200,17 @@ class Plugins:
             if awaitable(result):
                 await result
 
-    async def call_logged(self, impls: Impls, event: str, *args: Any) -> None:
-        """Call every implementation; an exception is logged with the plugin's name and skipped."""
+    async def call_logged(self, impls: Impls, event: str, *args: Any, timeout: float | None = None) -> None:
+        """Call every implementation; an exception is logged with the plugin's name and skipped, and so is an async
+        one that takes longer than ``timeout`` seconds (then cancelled)."""
         for plugin, fn in impls:
             try:
                 result = fn(*args)
                 if result is not None and awaitable(result):  # sync observers return None: no check
-                    await result
+                    async with asyncio.timeout(timeout):
+                        await result
+            except TimeoutError:
+                self.log.error(event, plugin=plugin, reason=f"gave up after {timeout:g} s")
             except Exception:
                 self.log.exception(event, plugin=plugin)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import re
 import textwrap
 import types
@@ -367,3 +368,16 @@ async def test_first_goes_on_after_the_implementation_that_answered_later_even_i
     other = ("b", lambda x: calls.append(-x))
     assert await Plugins.call_first([("a", counted), other, ("a", counted)], 5) is None
     assert calls == [5, -5, 5]
+
+
+async def test_a_plugin_whose_shutdown_never_ends_does_not_hold_the_gateways_stop(
+    start_backend: StartBackend, start_gateway: StartGateway
+) -> None:
+    plugins = {"tests.stuck_shutdown_plugin": {}, "usage": {}}
+    gateway = await start_gateway(await start_backend(), plugins=plugins, server={"shutdown_timeout": 0.3})
+    stuck = gateway.state.plugins.pm.get_plugin("tests.stuck_shutdown_plugin")
+    with structlog.testing.capture_logs() as logs:
+        await asyncio.wait_for(gateway.server.close(), timeout=10)
+    assert stuck.stuck
+    [event] = [e for e in logs if e["event"] == "shutdown_failed"]
+    assert event["plugin"] == "tests.stuck_shutdown_plugin" and "0.3 s" in event["reason"]
