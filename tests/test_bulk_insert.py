@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import aiosqlite
+import pytest
 
 from plugins import _bulk_insert
 
@@ -19,3 +20,45 @@ async def test_a_lone_surrogate_is_stored_as_a_question_mark_and_the_other_rows_
         async with db.execute("SELECT n, text, missing FROM t ORDER BY n") as cursor:
             stored = [tuple(row) for row in await cursor.fetchall()]
     assert stored == [(1, "fine", None), (2, "answer ? text", None), (3, "également", None)]
+
+
+async def test_a_lone_surrogate_in_a_later_chunk_keeps_every_row_once_and_in_order(tmp_path: Path) -> None:
+    """The chunks before the one that cannot be bound are in already: the retry starts at that one."""
+    hostile = json.loads('"bad \\udc80"')
+    rows = [(n, hostile if n == 700 else f"row {n}") for n in range(1000)]  # 4 chunks of 256: 700 is in the third
+    async with aiosqlite.connect(tmp_path / "rows.db") as db:
+        await db.execute("CREATE TABLE t (id INTEGER PRIMARY KEY, n INTEGER, text TEXT)")
+        await _bulk_insert.insert(db, "t", ("n", "text"), rows)
+        async with db.execute("SELECT n, text FROM t ORDER BY id") as cursor:
+            stored = [tuple(row) for row in await cursor.fetchall()]
+    assert stored == [(n, "bad ?" if n == 700 else text) for n, text in rows]
+
+
+async def test_a_batch_is_one_call_into_the_database_thread(tmp_path: Path) -> None:
+    """1000 rows (four chunks, the last padded) go in through one executemany: no call a chunk."""
+    rows = [(n, None if n % 2 else f"row {n}") for n in range(1000)]
+    async with aiosqlite.connect(tmp_path / "rows.db") as db:
+        await db.execute("CREATE TABLE t (id INTEGER PRIMARY KEY, n INTEGER, text TEXT)")
+        calls: list[str] = []
+        for name in ("execute", "executemany"):
+            method = getattr(db, name)
+
+            def counted(*args: object, _method: object = method, _name: str = name) -> object:
+                calls.append(_name)
+                return _method(*args)  # type: ignore[operator]
+
+            setattr(db, name, counted)
+        await _bulk_insert.insert(db, "t", ("n", "text"), rows)
+        await _bulk_insert.insert(db, "t", ("n", "text"), rows[:3])  # one chunk of 4 rows, one of them padding
+        assert calls == ["executemany", "executemany"]
+        async with db.execute("SELECT n, text FROM t ORDER BY id") as cursor:
+            stored = [tuple(row) for row in await cursor.fetchall()]
+    assert stored == [*rows, *rows[:3]]
+
+
+async def test_a_row_whose_first_value_is_none_is_refused(tmp_path: Path) -> None:
+    """A row of NULLs pads a chunk and is left out: a real row must not look like one."""
+    async with aiosqlite.connect(tmp_path / "rows.db") as db:
+        await db.execute("CREATE TABLE t (n INTEGER, text TEXT)")
+        with pytest.raises(ValueError, match=r"first value \(n\) is None"):
+            await _bulk_insert.insert(db, "t", ("n", "text"), [(1, "a"), (None, "b")])

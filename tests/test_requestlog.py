@@ -175,9 +175,9 @@ async def test_store_content_keeps_prompt_and_answer(
 
 
 async def test_a_large_batch_is_written_whole_and_in_order(tmp_path: Any) -> None:
-    """A flush writes its rows in multi-row statements of a power of two rows; none lost, none reordered."""
+    """A flush writes its rows in chunks of a power of two rows, the last one padded; none lost, none reordered."""
     columns = ("n", "text", "value")
-    rows = [(n, f"row {n}" if n % 3 else None, n / 7) for n in range(1000)]  # 3 x 256 + 128 + 64 + 32 + 8
+    rows = [(n, f"row {n}" if n % 3 else None, n / 7) for n in range(1000)]  # 4 chunks of 256, 24 rows of padding
     async with aiosqlite.connect(tmp_path / "bulk.db") as db:
         await db.execute("CREATE TABLE t (id INTEGER PRIMARY KEY, n INTEGER, text TEXT, value REAL)")
         await _bulk_insert.insert(db, "t", columns, rows)
