@@ -263,6 +263,13 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         await wait_ready(urls["direct"] + "/v1/models")
         for target in targets[1:]:
             await wait_ready(urls[target] + ("/v1/models" if target == "nginx" else "/health"))
+        if args.idle:  # all at once, before any load: what each spends a second on its timers alone
+            await asyncio.sleep(1.0)
+            pids = {t: (procs.get(t) or procs["backend"]).pid for t in targets}
+            before_idle = {t: cpu_seconds(pid) for t, pid in pids.items()}
+            await asyncio.sleep(args.idle)
+            for t, pid in pids.items():
+                results[t]["idle_ms_per_s"] = (cpu_seconds(pid) - before_idle[t]) / args.idle * 1000
         for _ in range(args.rounds):
             for target in targets:
                 pid = (procs.get(target) or procs["backend"]).pid
@@ -334,6 +341,8 @@ def report(r: dict[str, Any], args: argparse.Namespace) -> str:
     row("stream: chunks merged with the next", lambda x: f"{x['stream']['merged_chunks']}")
     row("stream: CPU per chunk (µs)", lambda x: f"{x['stream']['cpu_us_per_chunk']:.0f}")
     row("peak RSS (MB)", lambda x: f"{x['peak_rss_mb']:.1f}")
+    if args.idle:
+        row(f"idle: CPU a second, over {args.idle:g} s (ms)", lambda x: f"{x['idle_ms_per_s']:.2f}")
     lines.append("")
     lines.append("CPU is the process tree's user+system time from /proc (for direct: the backend's own).")
     return "\n".join(lines)
@@ -363,6 +372,13 @@ def main() -> None:
         metavar="SECONDS",
         help="drive the request rows with wrk (a C client: the Python one costs CPU the proxies then lack) for "
         "this long per round and concurrency, where wrk is installed",
+    )
+    parser.add_argument(
+        "--idle",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="first measure each target's CPU while nothing is sent, for this long (all at once): its timers' cost",
     )
     parser.add_argument("--json", help="also write the raw figures here")
     args = parser.parse_args()

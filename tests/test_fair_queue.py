@@ -188,3 +188,33 @@ async def test_a_backend_registered_with_max_concurrency_after_start_up_is_queue
     results = await asyncio.gather(*[_post(gateway.url, "dan") for _ in range(3)])
     assert [body["error"]["code"] for status, body, _ in results if status == 429] != []
     assert all(body["error"]["code"] == "queue_timeout" for status, body, _ in results if status == 429)
+
+
+async def test_a_waiting_request_takes_a_slot_that_frees_up_without_an_answer_ending(
+    aiohttp_server: Any, start_gateway: StartGateway
+) -> None:
+    """Slots also appear when no answer ends (here a backend registered while a request waits): the queue looks
+    for them every 0.1 s while anyone waits, and keeps no timer when nobody does."""
+    slow = await aiohttp_server(serial_backend(1.0))
+    backends = [{"name": "slow", "url": str(slow.make_url("")).rstrip("/"), "models": [MODEL], "max_concurrency": 1}]
+    gateway = await start_gateway(
+        backends=backends, plugins={"tests.keys_plugin": None, "ratelimit": {"max_queue_wait": 10}}
+    )
+    plugin = gateway.state.plugins.pm.get_plugin("ratelimit")
+
+    def looking() -> bool:
+        return any(task.get_name() == "ratelimit" for task in gateway.state.tasks)
+
+    assert not looking()
+    busy = asyncio.create_task(_post(gateway.url, "ann"))
+    await eventually(lambda: gateway.state.registry.backends["config:slow"].in_flight == 1)
+    queued = asyncio.create_task(_post(gateway.url, "ben"))
+    await eventually(lambda: len(plugin.queue) == 1 and looking())
+    fast = await aiohttp_server(serial_backend(SERVICE))
+    registration = {"endpoint_url": str(fast.make_url("")).rstrip("/"), "model_name": MODEL, "max_concurrency": 1}
+    reply = await gateway.post("/admin/register", registration, headers=ADMIN)
+    assert reply.status == 201, reply.body
+    status, _, _ = await asyncio.wait_for(queued, timeout=0.6)  # the slow backend's answer takes 1 s
+    assert status == 200 and not busy.done()
+    await eventually(lambda: not looking(), timeout=0.5)
+    assert (await busy)[0] == 200
