@@ -11,7 +11,7 @@ import openai
 import pytest
 
 from gateway.store import MemoryStore
-from plugins._buckets import Bucket, settle
+from plugins._buckets import Bucket, settle, settle_pair
 from tests.conftest import ADMIN_KEY, RunningGateway, StartBackend, StartGateway, eventually
 from tests.test_auth import issue
 
@@ -225,3 +225,15 @@ def test_settle_writes_the_reset_openai_clients_read() -> None:
         "x-ratelimit-remaining-tokens": "63000",
         "x-ratelimit-reset-tokens": "938ms",
     }
+
+
+def test_settle_pair_writes_for_both_buckets_what_settle_writes_for_each() -> None:
+    """The pair's granted path sets the six headers itself (no call a bucket): the same text as settle's."""
+    requests, tokens = Bucket.of("requests", "key:k", 60, "key 'k'"), Bucket.of("tokens", "key:k", 64_000, "key 'k'")
+    for left, tokens_left in ((59.0, 63_000.0), (0.4, 12.7), (60.0, 64_000.0), (1.0, 0.0)):
+        paired: dict[str, str] = {}
+        settle_pair(requests, tokens, 1000.0, (0.0, left, 0.0, tokens_left), paired)
+        each: dict[str, str] = {}
+        settle(requests, 1.0, 0.0, left, each)
+        settle(tokens, 1000.0, 0.0, tokens_left, each)
+        assert paired == each and len(paired) == 6, (left, tokens_left)
