@@ -154,10 +154,10 @@ class Plugin:
             self.spent[key_id] = self.spent.get(key_id, 0.0) + cost
             self.unshared[key_id] = self.unshared.get(key_id, 0.0) + cost
         backend = call.backend.name if call.backend is not None else None
-        self.pending += (  # booleans as int(): sqlite3 binds an exact int directly, a bool through its adapters
+        self.pending += (  # booleans as 1 or 0: sqlite3 binds an exact int directly, a bool through its adapters
             time.time(), call.request_id, key_id, getattr(identity, "name", None), call.model, backend,
-            call.endpoint, int(call.stream), call.status, prompt, completion, int(estimated),
-            call.latency * 1000, seconds, int(hit), cost,
+            call.endpoint, 1 if call.stream else 0, call.status, prompt, completion, 1 if estimated else 0,
+            call.latency * 1000, seconds, 1 if hit else 0, cost,
         )  # fmt: skip
 
     def _counted(self, call: Call) -> tuple[int, int, bool]:
