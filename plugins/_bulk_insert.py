@@ -1,10 +1,10 @@
 """Many rows into one SQLite table in one round trip to aiosqlite's thread.
 
 The rows go in chunks of a power of two rows (at most ``MOST_ROWS``), every chunk through one statement,
-``INSERT INTO t (...) SELECT * FROM (VALUES (...), (...), ...) WHERE column1 IS NOT NULL``, and all of
-them through one ``executemany``; the last chunk is padded with rows of NULLs that the ``WHERE`` leaves
-out. So a batch of any size is one call into aiosqlite's thread and one statement (prepared once, then
-cached by sqlite3) stepped once a chunk.
+``INSERT INTO t (...) SELECT * FROM (VALUES (...), (...), ...) LIMIT ?``, and all of them through one
+``executemany``; the last chunk is padded with rows of NULLs, which its ``LIMIT`` (the chunk's real row
+count, bound last) leaves out unread. So a batch of any size is one call into aiosqlite's thread and one
+statement (prepared once, then cached by sqlite3) stepped once a chunk.
 
 Why so few calls: each one is a hand-over to aiosqlite's thread and back, and each time that thread takes
 the GIL back from a busy event loop it is woken again and again (every time the loop lets go of the GIL
@@ -39,12 +39,9 @@ MOST_ROWS = 256
 
 @cache
 def statement(table: str, columns: tuple[str, ...], rows: int) -> str:
-    """``rows`` rows into ``table``; a row whose first value is NULL is padding, and left out."""
+    """Up to ``rows`` rows into ``table``: as many as the last parameter says (the rest is padding)."""
     one = "(" + ", ".join("?" * len(columns)) + ")"
-    return (
-        f"INSERT INTO {table} ({', '.join(columns)}) SELECT * FROM (VALUES {', '.join([one] * rows)}) "
-        "WHERE column1 IS NOT NULL"
-    )
+    return f"INSERT INTO {table} ({', '.join(columns)}) SELECT * FROM (VALUES {', '.join([one] * rows)}) LIMIT ?"
 
 
 async def insert(db: aiosqlite.Connection, table: str, columns: tuple[str, ...], rows: Sequence[Sequence[Any]]) -> None:
@@ -54,34 +51,39 @@ async def insert(db: aiosqlite.Connection, table: str, columns: tuple[str, ...],
 
 async def insert_flat(db: aiosqlite.Connection, table: str, columns: tuple[str, ...], values: list[Any]) -> None:
     """Insert rows given as one flat list (the first row's values, then the second's...: a queue that
-    ``extend``s it needs no tuple a row), in one call into aiosqlite's thread. A row's first value is
-    never None: a row of NULLs is how a chunk is padded. Text SQLite cannot store (a lone surrogate)
-    is stored with '?' for it; the batch's other rows are kept, each once."""
+    ``extend``s it needs no tuple a row), in one call into aiosqlite's thread. Text SQLite cannot store
+    (a lone surrogate) is stored with '?' for it; the batch's other rows are kept, each once."""
     width = len(columns)
     if len(values) % width:
         raise ValueError(f"{len(values)} values do not make rows of {width} columns")
     rows = len(values) // width
     if not rows:
         return
-    if None in values[::width]:
-        raise ValueError(f"a row's first value ({columns[0]}) is None: the padding of a chunk, left out")
-    size = min(MOST_ROWS, MOST_PARAMETERS // width, 1 << (rows - 1).bit_length())  # a power of two (or the limit)
+    size = min(MOST_ROWS, (MOST_PARAMETERS - 1) // width, 1 << (rows - 1).bit_length())  # a power of two, or less
+    if size < 1:
+        raise ValueError(f"{width} columns: more than the {MOST_PARAMETERS - 1} a statement of this SQLite can bind")
     step = size * width
-    chunks = [values] if rows == size else [values[at : at + step] for at in range(0, len(values), step)]
-    if len(chunks[-1]) < step:
-        chunks[-1] = chunks[-1] + [None] * (step - len(chunks[-1]))
+    chunks = [values[at : at + step] for at in range(0, len(values), step)]  # copies: what is appended is ours
+    for chunk in chunks[:-1]:
+        chunk.append(size)
+    last = chunks[-1]
+    real = len(last) // width
+    last += [None] * (step - len(last))
+    last.append(real)
     sql = statement(table, columns, size)
     start = 0
+    cleaned: set[int] = set()
     while True:
         feed = _Feed(chunks, start)
         try:
             await db.executemany(sql, feed)
             return
         except UnicodeEncodeError:  # text with a lone surrogate (from a client's JSON, say): never lose the batch
-            if feed.next == start:  # not from a chunk's text
-                raise
             failed = feed.next - 1  # the chunks before it are in; from it on, none
+            if failed < start or failed in cleaned:  # not a chunk's text, or text '?' does not fix: give up
+                raise
             chunks[failed] = [_storable(value) for value in chunks[failed]]
+            cleaned.add(failed)
             start = failed
 
 

@@ -143,14 +143,17 @@ class Plugin:
         """While requests wait, look for free slots every LOOK_EVERY seconds: slots also free up outside
         ``request_complete`` (a backend registered or raised, failover, health). Nobody waiting: no timer (one
         every 0.1 s all the time cost ~2.3 ms of CPU a second, idle or not)."""
-        if self.looking is None and self.gateway is not None:
-            self.looking = self.gateway.start_task(self._look_while_waiting(), name="ratelimit")
+        if (self.looking is None or self.looking.done()) and self.gateway is not None:
+            self.looking = self.gateway.start_task(self._look_while_waiting(self.gateway), name="ratelimit")
 
-    async def _look_while_waiting(self) -> None:
+    async def _look_while_waiting(self, gateway: Gateway) -> None:
         try:
             while self.queue.count:
                 await asyncio.sleep(LOOK_EVERY)
-                self.queue.dispatch(self._admit)
+                try:
+                    self.queue.dispatch(self._admit)
+                except Exception:  # logged, and the next look comes: the waiters still wait
+                    gateway.log.exception("task_failed", task="ratelimit")
         finally:
             self.looking = None
 

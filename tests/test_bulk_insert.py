@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import sqlite3
 from pathlib import Path
 
 import aiosqlite
@@ -56,9 +58,37 @@ async def test_a_batch_is_one_call_into_the_database_thread(tmp_path: Path) -> N
     assert stored == [*rows, *rows[:3]]
 
 
-async def test_a_row_whose_first_value_is_none_is_refused(tmp_path: Path) -> None:
-    """A row of NULLs pads a chunk and is left out: a real row must not look like one."""
+async def test_rows_of_nulls_and_nans_are_kept_and_only_the_padding_is_left_out(tmp_path: Path) -> None:
+    """The padding is cut by the chunk's row count, not by what a row holds: a row of NULLs (NaN binds as NULL)
+    is a row like any other."""
+    rows = [(None, None), (float("nan"), "nan"), (1.5, None), (None, "last")]  # one chunk of 4, no padding
+    rows += rows[:3]  # and one of 4 with a row of padding
     async with aiosqlite.connect(tmp_path / "rows.db") as db:
-        await db.execute("CREATE TABLE t (n INTEGER, text TEXT)")
-        with pytest.raises(ValueError, match=r"first value \(n\) is None"):
-            await _bulk_insert.insert(db, "t", ("n", "text"), [(1, "a"), (None, "b")])
+        await db.execute("CREATE TABLE t (id INTEGER PRIMARY KEY, x REAL, text TEXT)")
+        await _bulk_insert.insert(db, "t", ("x", "text"), rows[:4])
+        await _bulk_insert.insert(db, "t", ("x", "text"), rows[4:])
+        async with db.execute("SELECT x, text FROM t ORDER BY id") as cursor:
+            stored = [tuple(row) for row in await cursor.fetchall()]
+    kept = [(None, None), (None, "nan"), (1.5, None)]
+    assert stored == [*kept, (None, "last"), *kept]
+
+
+class _Odd:
+    """A value sqlite3 adapts (through a registered adapter) to text with a lone surrogate."""
+
+
+async def test_text_that_cannot_be_made_storable_raises_instead_of_retrying_forever(tmp_path: Path) -> None:
+    sqlite3.register_adapter(_Odd, lambda _: "odd \udc80")
+    try:
+        async with aiosqlite.connect(tmp_path / "rows.db") as db:
+            await db.execute("CREATE TABLE t (n INTEGER, text TEXT)")
+            with pytest.raises(UnicodeEncodeError):
+                await asyncio.wait_for(_bulk_insert.insert(db, "t", ("n", "text"), [(1, "a"), (2, _Odd())]), 5)
+    finally:
+        del sqlite3.adapters[(_Odd, sqlite3.PrepareProtocol)]
+
+
+def test_more_columns_than_a_statement_can_bind_is_a_clear_error() -> None:
+    columns = tuple(f"c{n}" for n in range(_bulk_insert.MOST_PARAMETERS))
+    with pytest.raises(ValueError, match="columns: more than the"):
+        asyncio.run(_bulk_insert.insert(None, "t", columns, [tuple(range(len(columns)))]))  # type: ignore[arg-type]
