@@ -221,9 +221,8 @@ class Registry:
     # -- other processes' writes ------------------------------------------------
 
     async def _read_data_version(self) -> int:
-        async with self.db.execute("PRAGMA data_version") as cursor:
-            row = await cursor.fetchone()
-        return int(row[0]) if row is not None else 0
+        found = list(await self.db.execute_fetchall("PRAGMA data_version"))  # one call into aiosqlite's thread
+        return int(found[0][0]) if found else 0
 
     async def _watch(self) -> None:
         """Reload the registrations whenever another connection committed a change (SQLite's data_version)."""
