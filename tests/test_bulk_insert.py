@@ -92,3 +92,14 @@ def test_more_columns_than_a_statement_can_bind_is_a_clear_error() -> None:
     columns = tuple(f"c{n}" for n in range(_bulk_insert.MOST_PARAMETERS))
     with pytest.raises(ValueError, match="columns: more than the"):
         asyncio.run(_bulk_insert.insert(None, "t", columns, [tuple(range(len(columns)))]))  # type: ignore[arg-type]
+
+
+def test_chunks_are_as_full_as_few_statement_shapes_allow() -> None:
+    """As few chunks as MOST_ROWS allows, padded by under 16 rows each, in at most 20 sizes (each a statement)."""
+    sizes = set()
+    for rows in range(1, 3000):
+        size = _bulk_insert._chunk_rows(rows, 256)
+        chunks = -(-rows // size)
+        assert chunks == -(-rows // 256) and chunks * size - rows < 16 * chunks, rows
+        sizes.add(size)
+    assert len(sizes) <= 20 and max(sizes) == 256
