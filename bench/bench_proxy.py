@@ -253,7 +253,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     targets = list(urls)
     high = f"c{args.high}"
     results: dict[str, Any] = {
-        t: {"cpu_s": 0.0, "c1": [], high: [], "requests": 0, "stream_runs": [], "stream_cpu_s": 0.0} for t in targets
+        t: {"cpu_s": 0.0, "c1": [], high: [], "requests": 0, "stream_runs": [], "stream_cpu_s": 0.0, "by_c": {}}
+        for t in targets
     }
     (tmp / "post.lua").write_text(
         f'wrk.method = "POST"\nwrk.body = [[{CHAT.decode()}]]\n'
@@ -276,12 +277,16 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 before = cpu_seconds(pid)
                 for concurrency, total in ((1, args.requests // 3), (args.high, args.requests)):
                     url = urls[target] + "/v1/chat/completions"
+                    phase = cpu_seconds(pid)
                     if args.wrk:
                         figures = wrk_load(url, args.wrk, concurrency, tmp / "post.lua")
-                        results[target]["requests"] += figures.pop("count")
+                        count = figures.pop("count")
                     else:
                         figures = await load(url, total, concurrency)
-                        results[target]["requests"] += total + 50
+                        count = total + 50
+                    results[target]["requests"] += count
+                    cpu_s, requests = results[target]["by_c"].get(concurrency, (0.0, 0))
+                    results[target]["by_c"][concurrency] = (cpu_s + cpu_seconds(pid) - phase, requests + count)
                     results[target][f"c{concurrency}"].append(figures)
                 results[target]["cpu_s"] += cpu_seconds(pid) - before
             for target in targets:  # streams interleave too: measured one after the other they drift apart
@@ -311,6 +316,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         for c in ("c1", high):
             runs = r[c]
             r[c] = {k: statistics.median(run[k] for run in runs) for k in runs[0]}
+        for concurrency, (cpu_s, requests) in r.pop("by_c").items():
+            r[f"c{concurrency}"]["cpu_us_per_request"] = cpu_s / requests * 1e6  # of that concurrency's rounds
     results["machine"] = f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
     return results
 
@@ -333,6 +340,8 @@ def report(r: dict[str, Any], args: argparse.Namespace) -> str:
         row(f"errors, concurrency {n}", lambda x, c=c: f"{x[c]['errors']:.0f}")
     row("added p50 latency, concurrency 1 (ms)", lambda x: f"{x['c1']['p50_ms'] - direct['c1']['p50_ms']:+.3f}")
     row("CPU per request (µs)", lambda x: f"{x['cpu_us_per_request']:.0f}")
+    for c in ("c1", f"c{args.high}"):
+        row(f"CPU per request, concurrency {c[1:]} only (µs)", lambda x, c=c: f"{x[c]['cpu_us_per_request']:.0f}")
     row("stream: time to first chunk, p50 (ms)", lambda x: f"{x['stream']['ttft_p50_ms']:.3f}")
     row(
         "stream: added per chunk (ms)",
