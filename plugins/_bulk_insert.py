@@ -1,7 +1,7 @@
 """Many rows into one SQLite table in one round trip to aiosqlite's thread.
 
 The rows go in equal chunks (at most ``MOST_ROWS`` rows; ``_chunk_rows``), every chunk through one statement,
-``INSERT INTO t (...) SELECT * FROM (VALUES (...), (...), ...) LIMIT ?``, and all of them through one
+``INSERT INTO t (...) SELECT * FROM (VALUES (...), (...), ...) LIMIT ?+0``, and all of them through one
 ``executemany``; the last chunk is padded with rows of NULLs, which its ``LIMIT`` (the chunk's real row
 count, bound last) leaves out unread. So a batch of any size is one call into aiosqlite's thread and one
 statement (prepared once, then cached by sqlite3) stepped once a chunk.
@@ -41,7 +41,9 @@ MOST_ROWS = 256
 def statement(table: str, columns: tuple[str, ...], rows: int) -> str:
     """Up to ``rows`` rows into ``table``: as many as the last parameter says (the rest is padding)."""
     one = "(" + ", ".join("?" * len(columns)) + ")"
-    return f"INSERT INTO {table} ({', '.join(columns)}) SELECT * FROM (VALUES {', '.join([one] * rows)}) LIMIT ?"
+    # ?+0, not ?: SQLite from mid-2024 on folds a bare LIMIT ? into the prepared statement as a constant and
+    # prepares the statement again each time it is bound anew (a 256-row statement: ~3x a chunk's cost)
+    return f"INSERT INTO {table} ({', '.join(columns)}) SELECT * FROM (VALUES {', '.join([one] * rows)}) LIMIT ?+0"
 
 
 async def insert(db: aiosqlite.Connection, table: str, columns: tuple[str, ...], rows: Sequence[Sequence[Any]]) -> None:
