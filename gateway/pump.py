@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import math
 import time
 from collections.abc import AsyncIterable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -208,6 +207,7 @@ def body_usage(body: bytes) -> dict[str, Any] | None:
 
 
 _DECODER = json.JSONDecoder()
+MOST_COUNT = 2**53  # a token count past this is made up (no answer has it) and no longer binds as SQLite's integer
 NUMBER = (int, float)  # a tuple: isinstance against ``int | float`` builds the union each call, twice as slow
 DICT_OR_NONE = (dict, type(None))
 
@@ -219,8 +219,8 @@ def _object_at(data: bytes) -> dict[str, Any] | None:
         return None
     if isinstance(value, dict) and all(_count(v) or isinstance(v, DICT_OR_NONE) for v in value.values()):
         return value
-    return None  # not OpenAI's usage, or counts a backend made up (negative, infinite): none taken
+    return None  # not OpenAI's usage, or counts a backend made up (negative, past MOST_COUNT): none taken
 
 
 def _count(value: object) -> bool:
-    return isinstance(value, NUMBER) and 0 <= value < math.inf
+    return isinstance(value, NUMBER) and 0 <= value <= MOST_COUNT

@@ -415,6 +415,8 @@ class Plugin:
         difference = used - ticket.tokens
         if not difference:
             return None
+        if difference > tokens.limit:  # one answer's debt: a minute of tokens at most, whatever a backend reports
+            difference = tokens.limit
         store = call.gateway.store
         if store.__class__ is MemoryStore:
             if difference < 0:  # the usual case: the estimate counts max_tokens, the answer is shorter
