@@ -35,6 +35,29 @@ sqlite3.register_adapter(type(None), _null)
 MOST_PARAMETERS = 32766 if sqlite3.sqlite_version_info >= (3, 32, 0) else 999
 """Parameters SQLite allows in one statement (unless built with another limit)."""
 MOST_ROWS = 256
+MOST_QUEUED = 65536
+"""Rows a writer keeps queued for a database that refuses them (``requeue``): ~20 MB of usage rows."""
+
+
+class NotInserted(Exception):
+    """An insert failed (the cause is chained) after its first ``rows`` rows: those are in the connection's open
+    transaction, for its next commit (unless SQLite rolled that back: an I/O error, a full disk); the rest are not."""
+
+    def __init__(self, rows: int, cause: BaseException) -> None:
+        super().__init__(f"{type(cause).__name__}: {cause}")
+        self.rows = rows
+
+
+def requeue(values: list[Any], failed: NotInserted, queue: list[Any], width: int) -> tuple[list[Any], int]:
+    """The queue to keep after a failed insert of ``values`` (flat, ``width`` a row): the rows not inserted, then
+    those queued meanwhile; over ``MOST_QUEUED`` rows, the oldest go (a row the database never takes cannot hold
+    the rest back for good). Returns the queue and how many rows were dropped."""
+    kept = values[failed.rows * width :] + queue
+    over = len(kept) // width - MOST_QUEUED
+    if over > 0:
+        del kept[: over * width]
+        return kept, over
+    return kept, 0
 
 
 @cache
@@ -88,6 +111,9 @@ async def insert_flat(db: aiosqlite.Connection, table: str, columns: tuple[str, 
             chunks[failed] = [_storable(value) for value in chunks[failed]]
             cleaned.add(failed)
             start = failed
+        except Exception as exc:  # the database refused (locked, full...): say which rows are not in
+            failed = max(feed.next - 1, start)  # the chunk it failed at (start: it failed before taking one)
+            raise NotInserted(failed * size, exc) from exc
 
 
 def _chunk_rows(rows: int, most: int) -> int:

@@ -148,15 +148,23 @@ class Plugin:
             return
         values, self.pending = self.pending, []
         db = self.gateway.registry.db
-        if self.options.store_content:
-            rows = []
-            for at in range(0, len(values), WIDTH + 1):
-                entry = values[at : at + WIDTH + 1]
-                prompt, completion = self._content(*entry[WIDTH])
-                rows.append((*entry[:WIDTH], prompt, completion))
-            await bulk_insert.insert(db, "requestlog", q.COLUMN_NAMES, rows)
-        else:
-            await bulk_insert.insert_flat(db, "requestlog", WITHOUT_CONTENT, values)
+        width = WIDTH + 1 if self.options.store_content else WIDTH
+        try:
+            if self.options.store_content:
+                rows = []
+                for at in range(0, len(values), width):
+                    entry = values[at : at + width]
+                    prompt, completion = self._content(*entry[WIDTH])
+                    rows.append((*entry[:WIDTH], prompt, completion))
+                await bulk_insert.insert(db, "requestlog", q.COLUMN_NAMES, rows)
+            else:
+                await bulk_insert.insert_flat(db, "requestlog", WITHOUT_CONTENT, values)
+        except bulk_insert.NotInserted as failed:  # kept for the next flush (the failure is logged by the caller)
+            self.pending, dropped = bulk_insert.requeue(values, failed, self.pending, width)
+            if dropped:
+                self.gateway.log.error("requestlog_rows_dropped", rows=dropped, queued=len(self.pending) // width)
+            await db.commit()  # the rows that went in, in; and no write transaction left open to block other writers
+            raise
         await db.commit()
 
     def _content(self, body: dict[str, Any], chunks: list[bytes] | None, answer: Any) -> tuple[str, str | None]:

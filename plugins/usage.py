@@ -2,7 +2,8 @@
 
 Every answered call becomes one row (key, model, backend, tokens, latency, status, cache hit,
 cost). Rows are queued and written by a background job every ``flush_interval`` seconds and at
-shutdown, never on the request's path: a crash loses at most that interval. Spend per key is kept
+shutdown, never on the request's path: a crash loses at most that interval, and rows the database
+refuses wait for the next flush (``_bulk_insert.requeue``). Spend per key is kept
 in memory (loaded from the table at start-up) and checked in ``before_request``. With a shared
 store (``state: {redis: ...}``) every gateway adds its spend to one counter per key at each flush
 and reads the others' back, so several gateways enforce one budget between them.
@@ -93,7 +94,15 @@ class Plugin:
             return
         values, self.pending = self.pending, []
         db = self.gateway.registry.db
-        await _bulk_insert.insert_flat(db, "usage_requests", _usage_report.COLUMNS, values)
+        try:
+            await _bulk_insert.insert_flat(db, "usage_requests", _usage_report.COLUMNS, values)
+        except _bulk_insert.NotInserted as failed:  # kept for the next flush (the failure is logged by the caller)
+            width = len(_usage_report.COLUMNS)
+            self.pending, dropped = _bulk_insert.requeue(values, failed, self.pending, width)
+            if dropped:
+                self.gateway.log.error("usage_rows_dropped", rows=dropped, queued=len(self.pending) // width)
+            await db.commit()  # the rows that went in, in; and no write transaction left open to block other writers
+            raise
         await db.commit()
 
     async def _share_spend(self, gateway: Gateway) -> None:

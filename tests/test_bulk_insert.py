@@ -103,3 +103,29 @@ def test_chunks_are_as_full_as_few_statement_shapes_allow() -> None:
         assert chunks == -(-rows // 256) and chunks * size - rows < 16 * chunks, rows
         sizes.add(size)
     assert len(sizes) <= 20 and max(sizes) == 256
+
+
+async def test_a_refused_insert_says_how_many_rows_went_in(tmp_path: Path) -> None:
+    """The database refuses a row in the third chunk: the two chunks before it are in (in the open transaction),
+    and the writer learns that, so it queues again exactly the rows that are not."""
+    rows = [(n, f"row {n}") for n in range(1000)]  # 4 chunks of 256: 700 is in the third
+    async with aiosqlite.connect(tmp_path / "rows.db") as db:
+        await db.execute("CREATE TABLE t (id INTEGER PRIMARY KEY, n INTEGER, text TEXT)")
+        refuse = "WHEN NEW.n = 700 BEGIN SELECT RAISE(ABORT, 'no'); END"
+        await db.execute(f"CREATE TRIGGER no_700 BEFORE INSERT ON t {refuse}")
+        with pytest.raises(_bulk_insert.NotInserted, match="IntegrityError: no") as refused:
+            await _bulk_insert.insert(db, "t", ("n", "text"), rows)
+        assert refused.value.rows == 512 and isinstance(refused.value.__cause__, sqlite3.IntegrityError)
+        async with db.execute("SELECT n FROM t ORDER BY id") as cursor:
+            assert [row[0] for row in await cursor.fetchall()] == list(range(512))
+        with pytest.raises(_bulk_insert.NotInserted) as missing:
+            await _bulk_insert.insert(db, "nowhere", ("n", "text"), rows)
+        assert missing.value.rows == 0
+
+
+def test_a_queue_the_database_refuses_keeps_the_rows_not_in_and_drops_the_oldest_past_its_bound() -> None:
+    failed = _bulk_insert.NotInserted(2, RuntimeError("locked"))
+    assert _bulk_insert.requeue([0, 0, 1, 1, 2, 2, 3, 3], failed, [4, 4], 2) == ([2, 2, 3, 3, 4, 4], 0)
+    most = _bulk_insert.MOST_QUEUED
+    queue, dropped = _bulk_insert.requeue(list(range(most + 10)), _bulk_insert.NotInserted(0, failed), [-1], 1)
+    assert dropped == 11 and queue[0] == 11 and queue[-1] == -1 and len(queue) == most

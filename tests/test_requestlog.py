@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import sqlite3
 import time
@@ -395,3 +396,46 @@ async def test_the_detail_is_the_json_of_its_values(
     assert values[5] == (micro((now + 0.002 - call.started) * 1e6, abs=1) if odd["first_byte"] else None)
     assert values[9] == [micro((now - call.started) * 1e6, abs=1), micro(2000, abs=1), micro(5000, abs=1)]
     assert all(isinstance(v, int) for v in (values[4], *values[9]))
+
+
+@pytest.mark.parametrize("store_content", [False, True])
+async def test_entries_the_database_refuses_are_kept_and_written_once_it_takes_them(
+    start_backend: StartBackend, start_gateway: StartGateway, store_content: bool
+) -> None:
+    """A refused flush (here a trigger refusing the second request's row) keeps the rows that are not in for the
+    next one, with or without content (whose queue is a value a row wider than what it inserts)."""
+    options = {"flush_interval": 0.05, "store_content": store_content}
+    gateway = await start_gateway(await start_backend(), plugins={"requestlog": options})
+    path = gateway.state.config.database_path
+    refuse = "WHEN NEW.request_id = 'r-2' BEGIN SELECT RAISE(ABORT, 'disk trouble'); END"
+    await asyncio.to_thread(_sql, path, f"CREATE TRIGGER refuse BEFORE INSERT ON requestlog {refuse}")
+    for n in range(1, 4):
+        body = {"model": "echo", "messages": [{"role": "user", "content": f"question {n}"}]}
+        assert (await gateway.post("/v1/chat/completions", body, headers={"X-Request-ID": f"r-{n}"})).status == 200
+    await asyncio.sleep(0.3)  # several flushes, each refused at r-2 (r-1, in the same chunk, is not in either)
+    await asyncio.to_thread(_sql, path, "DROP TRIGGER refuse")
+
+    async def logged() -> list[str]:
+        rows = await asyncio.to_thread(_sql, path, "SELECT request_id FROM requestlog ORDER BY id")
+        return [row[0] for row in rows]
+
+    for _ in range(100):
+        if len(await logged()) >= 3:
+            break
+        await asyncio.sleep(0.05)
+    await asyncio.sleep(0.2)
+    assert await logged() == ["r-1", "r-2", "r-3"]
+    if store_content:
+        assert (await entry(gateway, "r-2"))["prompt"] == [{"role": "user", "content": "question 2"}]
+
+
+def _sql(path: str, statement: str) -> list[Any]:
+    """One statement on a connection of its own, off the event loop: a blocking write on it would stall the
+    gateway's own commit (the same loop) until the busy timeout."""
+    db = sqlite3.connect(path)
+    try:
+        rows = db.execute(statement).fetchall()
+        db.commit()
+        return rows
+    finally:
+        db.close()

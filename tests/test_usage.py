@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import sqlite3
 from pathlib import Path
@@ -203,3 +204,33 @@ async def test_multiverse_usage_reads_the_database(
     assert table[0].split()[:3] == ["model", "requests", "prompt_tokens"] and table[1].split()[:2] == ["echo", "2"]
     assert main(["usage", "--since", "soon"]) == 2
     assert "30m, 1h or 7d" in capsys.readouterr().err
+
+
+async def test_rows_the_database_refuses_are_kept_and_written_once_it_takes_them(
+    start_backend: StartBackend, start_gateway: StartGateway
+) -> None:
+    """A flush that fails (a locked or full database; here a trigger that refuses every row) used to lose its
+    rows, and with them the spend a restart reads back: they now wait for the next flush."""
+    gateway = await start_gateway(await start_backend(), plugins={IDENTITY: {}, "usage": {"flush_interval": 0.05}})
+    path = gateway.state.config.database_path
+    refuse = "BEGIN SELECT RAISE(ABORT, 'disk trouble'); END"
+    await asyncio.to_thread(_sql, path, f"CREATE TRIGGER refuse BEFORE INSERT ON usage_requests {refuse}")
+    for _ in range(3):
+        await client(gateway).chat.completions.create(model="echo", messages=MESSAGES)
+    await asyncio.sleep(0.3)  # several flushes, each refused
+    assert await asyncio.to_thread(rows, gateway) == []
+    await asyncio.to_thread(_sql, path, "DROP TRIGGER refuse")
+    await eventually(lambda: len(rows(gateway)) == 3)
+    await asyncio.sleep(0.2)
+    assert len({row["request_id"] for row in rows(gateway)}) == 3 == len(rows(gateway))  # each once
+
+
+def _sql(path: str, statement: str) -> None:
+    """A statement on a connection of its own, off the event loop: a blocking write on it would stall the
+    gateway's own commit (the same loop) until the busy timeout."""
+    db = sqlite3.connect(path)
+    try:
+        db.execute(statement)
+        db.commit()
+    finally:
+        db.close()
