@@ -207,7 +207,7 @@ def body_usage(body: bytes) -> dict[str, Any] | None:
 
 
 _DECODER = json.JSONDecoder()
-MOST_COUNT = 2**53  # a token count past this is made up (no answer has it) and no longer binds as SQLite's integer
+MOST_COUNT = 2**32  # a token count past this is made up (no answer has it); SQLite's SUMs of them stay in range
 NUMBER = (int, float)  # a tuple: isinstance against ``int | float`` builds the union each call, twice as slow
 DICT_OR_NONE = (dict, type(None))
 

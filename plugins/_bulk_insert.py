@@ -6,6 +6,11 @@ The rows go in equal chunks (at most ``MOST_ROWS`` rows; ``_chunk_rows``), every
 count, bound last) leaves out unread. So a batch of any size is one call into aiosqlite's thread and one
 statement (prepared once, then cached by sqlite3) stepped once a chunk.
 
+When it fails: a row the database cannot take (text with no UTF-8, a number past its integers, a
+constraint) is left out and the rest kept (its chunk is tried again row by row); when the database
+refuses (locked past its busy timeout, a full disk), ``NotInserted`` says how many rows went in, and the
+writer queues the rest again (``requeue``).
+
 Why so few calls: each one is a hand-over to aiosqlite's thread and back, and each time that thread takes
 the GIL back from a busy event loop it is woken again and again (every time the loop lets go of the GIL
 for a system call) until it gets it. Row by row (``executemany`` of a one-row statement) that is a
@@ -40,24 +45,35 @@ MOST_QUEUED = 65536
 
 
 class NotInserted(Exception):
-    """An insert failed (the cause is chained) after its first ``rows`` rows: those are in the connection's open
-    transaction, for its next commit (unless SQLite rolled that back: an I/O error, a full disk); the rest are not."""
+    """The database refused an insert (the cause is chained) after its first ``rows`` rows: those are in the
+    connection's open transaction, for its next commit; the rest are not."""
 
     def __init__(self, rows: int, cause: BaseException) -> None:
         super().__init__(f"{type(cause).__name__}: {cause}")
         self.rows = rows
 
 
-def requeue(values: list[Any], failed: NotInserted, queue: list[Any], width: int) -> tuple[list[Any], int]:
-    """The queue to keep after a failed insert of ``values`` (flat, ``width`` a row): the rows not inserted, then
-    those queued meanwhile; over ``MOST_QUEUED`` rows, the oldest go (a row the database never takes cannot hold
-    the rest back for good). Returns the queue and how many rows were dropped."""
+def requeue(
+    values: list[Any], failed: NotInserted, queue: list[Any], width: int, most: int = MOST_QUEUED
+) -> tuple[list[Any], int]:
+    """The queue to keep after a refused insert of ``values`` (flat, ``width`` a row): the rows not inserted, then
+    those queued meanwhile; over ``most`` rows, the oldest go (a database that refuses for long must not take all
+    the memory). Returns the queue and how many rows were dropped."""
     kept = values[failed.rows * width :] + queue
-    over = len(kept) // width - MOST_QUEUED
+    over = len(kept) // width - most
     if over > 0:
         del kept[: over * width]
         return kept, over
     return kept, 0
+
+
+async def last_commit(gateway: Any, plugin: str, unwritten: int) -> None:
+    """At shutdown, after a writer's last flush: commit (a flush cancelled at the stop still inserts what it had
+    taken from the queue, and nothing else would commit it), and say how many rows were never written."""
+    if gateway is not None:
+        await gateway.registry.db.commit()
+        if unwritten:
+            gateway.log.error(f"{plugin}_rows_unwritten", rows=unwritten)
 
 
 @cache
@@ -69,21 +85,28 @@ def statement(table: str, columns: tuple[str, ...], rows: int) -> str:
     return f"INSERT INTO {table} ({', '.join(columns)}) SELECT * FROM (VALUES {', '.join([one] * rows)}) LIMIT ?+0"
 
 
-async def insert(db: aiosqlite.Connection, table: str, columns: tuple[str, ...], rows: Sequence[Sequence[Any]]) -> None:
+async def insert(db: aiosqlite.Connection, table: str, columns: tuple[str, ...], rows: Sequence[Sequence[Any]]) -> int:
     """Insert ``rows`` (each a value per column); see ``insert_flat``."""
-    await insert_flat(db, table, columns, list(chain.from_iterable(rows)))  # one flat list, made in C
+    return await insert_flat(db, table, columns, list(chain.from_iterable(rows)))  # one flat list, made in C
 
 
-async def insert_flat(db: aiosqlite.Connection, table: str, columns: tuple[str, ...], values: list[Any]) -> None:
+_ROW_ERRORS = (UnicodeEncodeError, OverflowError, sqlite3.IntegrityError, sqlite3.InterfaceError, sqlite3.DataError)
+"""What a row's own values cause (text with no UTF-8, a number past SQLite's integers, a constraint): no retry helps."""
+
+
+async def insert_flat(db: aiosqlite.Connection, table: str, columns: tuple[str, ...], values: list[Any]) -> int:
     """Insert rows given as one flat list (the first row's values, then the second's...: a queue that
     ``extend``s it needs no tuple a row), in one call into aiosqlite's thread. Text SQLite cannot store
-    (a lone surrogate) is stored with '?' for it; the batch's other rows are kept, each once."""
+    (a lone surrogate) is stored with '?' for it. A row the database cannot take at all is left out (its
+    chunk is tried again row by row) and the batch's other rows are kept, each once: returns how many were
+    left out. When the database refuses (locked past its busy timeout, a full disk), ``NotInserted`` says
+    how many rows went in."""
     width = len(columns)
     if len(values) % width:
         raise ValueError(f"{len(values)} values do not make rows of {width} columns")
     rows = len(values) // width
     if not rows:
-        return
+        return 0
     most = min(MOST_ROWS, (MOST_PARAMETERS - 1) // width)
     if most < 1:
         raise ValueError(f"{width} columns: more than the {MOST_PARAMETERS - 1} a statement of this SQLite can bind")
@@ -99,21 +122,51 @@ async def insert_flat(db: aiosqlite.Connection, table: str, columns: tuple[str, 
     sql = statement(table, columns, size)
     start = 0
     cleaned: set[int] = set()
-    while True:
+    left_out = 0
+    while start < len(chunks):
         feed = _Feed(chunks, start)
         try:
             await db.executemany(sql, feed)
-            return
-        except UnicodeEncodeError:  # text with a lone surrogate (from a client's JSON, say): never lose the batch
-            failed = feed.next - 1  # the chunks before it are in; from it on, none
-            if failed < start or failed in cleaned:  # not a chunk's text, or text '?' does not fix: give up
-                raise
-            chunks[failed] = [_storable(value) for value in chunks[failed]]
-            cleaned.add(failed)
+            return left_out
+        except _ROW_ERRORS as exc:  # the chunks before the failing one are in; from it on, none
+            failed = max(feed.next - 1, start)
+            if isinstance(exc, UnicodeEncodeError) and failed not in cleaned:  # a lone surrogate (a client's JSON)
+                chunks[failed] = [_storable(value) for value in chunks[failed]]
+                cleaned.add(failed)
+            else:  # no whole-chunk fix: row by row, leaving out what the database will not take
+                left_out += await _row_by_row(db, table, columns, chunks[failed], failed * size)
+                failed += 1
             start = failed
-        except Exception as exc:  # the database refused (locked, full...): say which rows are not in
-            failed = max(feed.next - 1, start)  # the chunk it failed at (start: it failed before taking one)
-            raise NotInserted(failed * size, exc) from exc
+        except Exception as exc:  # the database refused (locked, full, closed): say which rows are in
+            raise _not_inserted(db, max(feed.next - 1, start) * size, exc) from exc
+    return left_out
+
+
+async def _row_by_row(
+    db: aiosqlite.Connection, table: str, columns: tuple[str, ...], chunk: list[Any], before: int
+) -> int:
+    """A chunk the database would not take whole, a row at a time (``before``: the batch's rows before it); how
+    many rows it would not take."""
+    width = len(columns)
+    sql = statement(table, columns, 1)
+    left_out = 0
+    for at in range(0, chunk[-1] * width, width):  # the chunk's last value is its real row count: no padding
+        try:
+            await db.execute(sql, [*chunk[at : at + width], 1])
+        except _ROW_ERRORS:
+            left_out += 1
+        except Exception as exc:
+            raise _not_inserted(db, before + at // width, exc) from exc
+    return left_out
+
+
+def _not_inserted(db: aiosqlite.Connection, rows: int, cause: BaseException) -> NotInserted:
+    """``rows`` went in, unless SQLite rolled the transaction back (an I/O error, a full disk): then none did."""
+    try:
+        kept = rows if db.in_transaction else 0
+    except Exception:  # the connection is gone: nothing of it is in
+        kept = 0
+    return NotInserted(kept, cause)
 
 
 def _chunk_rows(rows: int, most: int) -> int:

@@ -64,7 +64,7 @@ def streamed_text(chunks: Iterable[bytes]) -> str:
         except ValueError:  # [DONE], or not JSON
             continue
         if isinstance(event, dict):
-            for choice in event.get("choices") or ():
+            for choice in _choices(event):
                 parts.extend(_choice_text(choice.get("delta") or choice.get("message") or choice))
     return "".join(parts)
 
@@ -75,8 +75,14 @@ def answer_text(body: bytes) -> str:
         answer = json.loads(body)
     except ValueError:
         return ""
-    choices = answer.get("choices") if isinstance(answer, dict) else None
-    return "".join(t for c in choices or () for t in _choice_text(c.get("message") or c))
+    choices = _choices(answer) if isinstance(answer, dict) else ()
+    return "".join(t for c in choices for t in _choice_text(c.get("message") or c))
+
+
+def _choices(answer: dict[str, Any]) -> list[dict[str, Any]]:
+    """An answer's or event's choices that are objects: a backend's ``"choices": [1]`` or ``"choices": 5`` has none."""
+    choices = answer.get("choices")
+    return [c for c in choices if isinstance(c, dict)] if isinstance(choices, list) else []
 
 
 def _choice_text(part: Any) -> list[str]:

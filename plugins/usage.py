@@ -78,7 +78,10 @@ class Plugin:
 
     @hookimpl
     async def shutdown(self) -> None:
-        await self.flush()
+        try:
+            await self.flush()
+        finally:
+            await _bulk_insert.last_commit(self.gateway, "usage", len(self.pending) // len(_usage_report.COLUMNS))
 
     @staticmethod
     def _shared(gateway: Gateway) -> bool:
@@ -95,7 +98,7 @@ class Plugin:
         values, self.pending = self.pending, []
         db = self.gateway.registry.db
         try:
-            await _bulk_insert.insert_flat(db, "usage_requests", _usage_report.COLUMNS, values)
+            left_out = await _bulk_insert.insert_flat(db, "usage_requests", _usage_report.COLUMNS, values)
         except _bulk_insert.NotInserted as failed:  # kept for the next flush (the failure is logged by the caller)
             width = len(_usage_report.COLUMNS)
             self.pending, dropped = _bulk_insert.requeue(values, failed, self.pending, width)
@@ -104,6 +107,8 @@ class Plugin:
             await db.commit()  # the rows that went in, in; and no write transaction left open to block other writers
             raise
         await db.commit()
+        if left_out:
+            self.gateway.log.error("usage_rows_dropped", rows=left_out, reason="values the database cannot store")
 
     async def _share_spend(self, gateway: Gateway) -> None:
         unshared, self.unshared = self.unshared, {}

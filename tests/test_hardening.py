@@ -239,7 +239,7 @@ async def test_token_counts_no_answer_has_are_not_taken_and_cost_nobody_their_us
     aiohttp_server: Any, start_gateway: StartGateway
 ) -> None:
     """A backend answering 10**30 prompt tokens made usage's whole batch fail to bind (SQLite's integers end at
-    2**63): every other request of that flush went unrecorded. Such counts are not taken, like negative ones."""
+    2**63): every other request of that flush went unrecorded. Counts past 2**32 are not taken, like negative ones."""
     backend = await raw_backend(aiohttp_server, _answer_with_usage({"prompt_tokens": 10**30, "completion_tokens": 3}))
     gateway = await start_gateway(backend, plugins={"usage": {"flush_interval": 60}})
     for content in ("hello", "lie", "hello"):
@@ -259,9 +259,9 @@ async def test_token_counts_no_answer_has_are_not_taken_and_cost_nobody_their_us
 async def test_a_backends_made_up_token_count_holds_a_key_back_a_minute_at_most(
     aiohttp_server: Any, start_gateway: StartGateway
 ) -> None:
-    """A count within bounds but absurd (10**15 tokens) would leave the key a debt of ~10**15 tokens: refused for
-    ages by the backend's word. One answer's correction is at most the key's tpm: a minute's worth."""
-    backend = await raw_backend(aiohttp_server, _answer_with_usage({"prompt_tokens": 10**15, "completion_tokens": 3}))
+    """A count within bounds but absurd (10**9 tokens) would leave the key a debt of ~10**9 tokens: refused for
+    months by the backend's word. One answer's correction is at most the key's tpm: a minute's worth."""
+    backend = await raw_backend(aiohttp_server, _answer_with_usage({"prompt_tokens": 10**9, "completion_tokens": 3}))
     gateway = await start_gateway(backend, plugins={"tests.keys_plugin": None, "ratelimit": {}})
     headers = {"Authorization": "Bearer ivy,tpm=6000"}
     lie = {**CHAT, "messages": [{"role": "user", "content": "lie"}], "max_tokens": 10}
@@ -269,6 +269,6 @@ async def test_a_backends_made_up_token_count_holds_a_key_back_a_minute_at_most(
     url = gateway.base_url + "/chat/completions"
     status, body, answer = await post(url, {**CHAT, "max_tokens": 10}, headers=headers)
     assert status == 429 and body["error"]["code"] == "rate_limit_exceeded"  # the answer's tokens were taken...
-    assert int(answer["Retry-After"]) <= 61  # ...up to a minute of them (6,000), not 10**15 at 100 a second
+    assert int(answer["Retry-After"]) <= 61  # ...up to a minute of them (6,000), not 10**9 at 100 a second
     level = await gateway.state.store.peek("ratelimit:tokens:key:id-ivy", rate=100, capacity=6000)
     assert -6000 < level < 0

@@ -16,7 +16,9 @@ from gateway import migrations
 from gateway.call import Attempt, Call
 from plugins import _bulk_insert
 from plugins import _requestlog_query as q
+from plugins.requestlog import Rendered
 from tests.conftest import ADMIN, RunningGateway, StartBackend, StartGateway
+from tests.test_usage import refuse_inserts
 
 ROLES = "tests.role_identity"
 
@@ -402,21 +404,30 @@ async def test_the_detail_is_the_json_of_its_values(
 async def test_entries_the_database_refuses_are_kept_and_written_once_it_takes_them(
     start_backend: StartBackend, start_gateway: StartGateway, store_content: bool
 ) -> None:
-    """A refused flush (here a trigger refusing the second request's row) keeps the rows that are not in for the
-    next one, with or without content (whose queue is a value a row wider than what it inserts)."""
+    """A flush the database refuses at the second request's row (an OperationalError, as when it is locked or
+    full) keeps the rows that are not in for the next one, with or without content (whose queue holds a value a
+    row more than it inserts, and keeps the text, not the request's body)."""
     options = {"flush_interval": 0.05, "store_content": store_content}
     gateway = await start_gateway(await start_backend(), plugins={"requestlog": options})
-    path = gateway.state.config.database_path
-    refuse = "WHEN NEW.request_id = 'r-2' BEGIN SELECT RAISE(ABORT, 'disk trouble'); END"
-    await asyncio.to_thread(_sql, path, f"CREATE TRIGGER refuse BEFORE INSERT ON requestlog {refuse}")
+    refusing = [True]
+
+    def refuse(request_id: str) -> int:
+        if refusing[0] and request_id == "r-2":
+            raise RuntimeError("the disk is busy")
+        return 0
+
+    await refuse_inserts(gateway, "requestlog", "refuse(NEW.request_id)", refuse)
     for n in range(1, 4):
         body = {"model": "echo", "messages": [{"role": "user", "content": f"question {n}"}]}
         assert (await gateway.post("/v1/chat/completions", body, headers={"X-Request-ID": f"r-{n}"})).status == 200
     await asyncio.sleep(0.3)  # several flushes, each refused at r-2 (r-1, in the same chunk, is not in either)
-    await asyncio.to_thread(_sql, path, "DROP TRIGGER refuse")
+    if store_content:
+        queued = plugin(gateway).pending
+        assert queued and all(isinstance(entry[-1], Rendered) for entry in _entries(queued))
+    refusing[0] = False
 
     async def logged() -> list[str]:
-        rows = await asyncio.to_thread(_sql, path, "SELECT request_id FROM requestlog ORDER BY id")
+        rows = await asyncio.to_thread(_sql, gateway.state.config.database_path)
         return [row[0] for row in rows]
 
     for _ in range(100):
@@ -429,13 +440,41 @@ async def test_entries_the_database_refuses_are_kept_and_written_once_it_takes_t
         assert (await entry(gateway, "r-2"))["prompt"] == [{"role": "user", "content": "question 2"}]
 
 
-def _sql(path: str, statement: str) -> list[Any]:
-    """One statement on a connection of its own, off the event loop: a blocking write on it would stall the
-    gateway's own commit (the same loop) until the busy timeout."""
+def _entries(queued: list[Any]) -> list[list[Any]]:
+    from plugins.requestlog import WIDTH
+
+    return [queued[at : at + WIDTH + 1] for at in range(0, len(queued), WIDTH + 1)]
+
+
+def _sql(path: str) -> list[Any]:
+    """The logged request ids, on a connection of its own, off the event loop."""
     db = sqlite3.connect(path)
     try:
-        rows = db.execute(statement).fetchall()
-        db.commit()
-        return rows
+        return db.execute("SELECT request_id FROM requestlog ORDER BY id").fetchall()
     finally:
         db.close()
+
+
+async def test_an_answer_of_an_odd_shape_costs_its_row_its_content_not_the_batch_its_rows(
+    aiohttp_server: Any, start_gateway: StartGateway
+) -> None:
+    """``"choices": [1]`` made the content's text raise while the batch was made into rows: the whole batch went."""
+    from aiohttp import web
+
+    from tests.test_response_path import raw_backend
+
+    async def odd(request: web.Request) -> web.Response:
+        body = await request.json()
+        choices: Any = [1] if body["messages"][0]["content"] == "odd" else [{"message": {"content": "fine"}}]
+        return web.json_response({"id": "c", "object": "chat.completion", "choices": choices})
+
+    options = {"flush_interval": 60, "store_content": True}
+    gateway = await start_gateway(await raw_backend(aiohttp_server, odd), plugins={"requestlog": options})
+    for n, content in enumerate(("hello", "odd", "hello")):
+        body = {"model": "echo", "messages": [{"role": "user", "content": content}]}
+        assert (await gateway.post("/v1/chat/completions", body, headers={"X-Request-ID": f"o-{n}"})).status == 200
+    await plugin(gateway).flush()
+    assert [row[0] for row in await asyncio.to_thread(_sql, gateway.state.config.database_path)] == [
+        "o-0", "o-1", "o-2"
+    ]  # fmt: skip
+    assert (await entry(gateway, "o-1"))["completion"] == ""

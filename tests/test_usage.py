@@ -209,28 +209,49 @@ async def test_multiverse_usage_reads_the_database(
 async def test_rows_the_database_refuses_are_kept_and_written_once_it_takes_them(
     start_backend: StartBackend, start_gateway: StartGateway
 ) -> None:
-    """A flush that fails (a locked or full database; here a trigger that refuses every row) used to lose its
-    rows, and with them the spend a restart reads back: they now wait for the next flush."""
+    """A flush the database refuses (locked past its busy timeout, a full disk: here a function a trigger calls
+    fails, an OperationalError like those) used to lose its rows, and with them the spend a restart reads back:
+    they now wait for the next flush."""
     gateway = await start_gateway(await start_backend(), plugins={IDENTITY: {}, "usage": {"flush_interval": 0.05}})
-    path = gateway.state.config.database_path
-    refuse = "BEGIN SELECT RAISE(ABORT, 'disk trouble'); END"
-    await asyncio.to_thread(_sql, path, f"CREATE TRIGGER refuse BEFORE INSERT ON usage_requests {refuse}")
+    refusing = [True]
+
+    def refuse() -> int:
+        if refusing[0]:
+            raise RuntimeError("the disk is busy")
+        return 0
+
+    await refuse_inserts(gateway, "usage_requests", "refuse()", refuse)
     for _ in range(3):
         await client(gateway).chat.completions.create(model="echo", messages=MESSAGES)
     await asyncio.sleep(0.3)  # several flushes, each refused
     assert await asyncio.to_thread(rows, gateway) == []
-    await asyncio.to_thread(_sql, path, "DROP TRIGGER refuse")
+    refusing[0] = False
     await eventually(lambda: len(rows(gateway)) == 3)
     await asyncio.sleep(0.2)
     assert len({row["request_id"] for row in rows(gateway)}) == 3 == len(rows(gateway))  # each once
 
 
-def _sql(path: str, statement: str) -> None:
-    """A statement on a connection of its own, off the event loop: a blocking write on it would stall the
-    gateway's own commit (the same loop) until the busy timeout."""
-    db = sqlite3.connect(path)
-    try:
-        db.execute(statement)
-        db.commit()
-    finally:
-        db.close()
+async def refuse_inserts(gateway: Any, table: str, when: str, function: Any) -> None:
+    """A trigger on the gateway's own connection (TEMP: nobody else's) that calls ``function`` before each insert
+    into ``table``: when it raises, SQLite refuses the insert with an OperationalError."""
+    db = gateway.state.registry.db
+    await db.create_function(function.__name__, function.__code__.co_argcount, function)
+    await db.execute(f"CREATE TEMP TRIGGER refuse BEFORE INSERT ON {table} WHEN {when} BEGIN SELECT 1; END")
+
+
+async def test_a_flush_cancelled_at_the_stop_still_gets_its_rows_committed(
+    start_backend: StartBackend, start_gateway: StartGateway
+) -> None:
+    """The stop cancels the flush job, maybe in the middle of a flush: the rows it took from the queue still go
+    into the transaction (aiosqlite's thread runs what it was given), and with an empty queue the shutdown's
+    flush had nothing to commit them with, so closing the database dropped them."""
+    gateway = await start_gateway(await start_backend(), plugins={IDENTITY: {}, "usage": {"flush_interval": 60}})
+    for _ in range(2):
+        await client(gateway).chat.completions.create(model="echo", messages=MESSAGES)
+    usage = gateway.state.plugins.pm.get_plugin("usage")
+    flushing = asyncio.ensure_future(usage.flush())
+    await asyncio.sleep(0)  # the flush has taken the queue and handed the insert to the database thread
+    assert usage.pending == []
+    flushing.cancel()
+    await gateway.server.close()
+    assert len(rows(gateway)) == 2
