@@ -71,9 +71,9 @@ async def last_commit(gateway: Any, plugin: str, unwritten: int) -> None:
     """At shutdown, after a writer's last flush: commit (a flush cancelled at the stop still inserts what it had
     taken from the queue, and nothing else would commit it), and say how many rows were never written."""
     if gateway is not None:
-        await gateway.registry.db.commit()
         if unwritten:
             gateway.log.error(f"{plugin}_rows_unwritten", rows=unwritten)
+        await gateway.registry.db.commit()
 
 
 @cache
@@ -90,8 +90,32 @@ async def insert(db: aiosqlite.Connection, table: str, columns: tuple[str, ...],
     return await insert_flat(db, table, columns, list(chain.from_iterable(rows)))  # one flat list, made in C
 
 
-_ROW_ERRORS = (UnicodeEncodeError, OverflowError, sqlite3.IntegrityError, sqlite3.InterfaceError, sqlite3.DataError)
-"""What a row's own values cause (text with no UTF-8, a number past SQLite's integers, a constraint): no retry helps."""
+_ROW_ERRORS = (UnicodeEncodeError, OverflowError, sqlite3.IntegrityError, sqlite3.DataError, sqlite3.ProgrammingError)
+"""What a row's own values cause (text with no UTF-8, a number past SQLite's integers, a constraint, a type sqlite3
+cannot bind): no retry helps. (``ProgrammingError`` only for a binding: see ``_is_row_error``.)"""
+
+
+def _is_row_error(exc: BaseException) -> bool:
+    return not isinstance(exc, sqlite3.ProgrammingError) or str(exc).startswith("Error binding parameter")
+
+
+async def insert_and_commit(db: aiosqlite.Connection, table: str, columns: tuple[str, ...], values: list[Any]) -> int:
+    """``insert_flat``, then commit: how many rows were left out, or ``NotInserted`` with how many are in (none
+    when SQLite rolled the transaction back, at the insert or at the commit: a full disk). Commits what went in
+    even when the insert was refused part-way, so that no write transaction is left open to block other writers."""
+    try:
+        left_out = await insert_flat(db, table, columns, values)
+    except NotInserted as failed:
+        try:
+            await db.commit()
+        except Exception as exc:
+            raise _not_inserted(db, failed.rows, exc) from exc
+        raise
+    try:
+        await db.commit()
+    except Exception as exc:
+        raise _not_inserted(db, len(values) // len(columns), exc) from exc
+    return left_out
 
 
 async def insert_flat(db: aiosqlite.Connection, table: str, columns: tuple[str, ...], values: list[Any]) -> int:
@@ -129,6 +153,8 @@ async def insert_flat(db: aiosqlite.Connection, table: str, columns: tuple[str, 
             await db.executemany(sql, feed)
             return left_out
         except _ROW_ERRORS as exc:  # the chunks before the failing one are in; from it on, none
+            if not _is_row_error(exc):
+                raise _not_inserted(db, max(feed.next - 1, start) * size, exc) from exc
             failed = max(feed.next - 1, start)
             if isinstance(exc, UnicodeEncodeError) and failed not in cleaned:  # a lone surrogate (a client's JSON)
                 chunks[failed] = [_storable(value) for value in chunks[failed]]
@@ -151,12 +177,19 @@ async def _row_by_row(
     sql = statement(table, columns, 1)
     left_out = 0
     for at in range(0, chunk[-1] * width, width):  # the chunk's last value is its real row count: no padding
-        try:
-            await db.execute(sql, [*chunk[at : at + width], 1])
-        except _ROW_ERRORS:
-            left_out += 1
-        except Exception as exc:
-            raise _not_inserted(db, before + at // width, exc) from exc
+        row = [*chunk[at : at + width], 1]
+        for attempt in (row, [_storable(value) for value in row]):  # then with '?' for a lone surrogate
+            try:
+                await db.execute(sql, attempt)
+                break
+            except _ROW_ERRORS as exc:
+                if not _is_row_error(exc):
+                    raise _not_inserted(db, before + at // width, exc) from exc
+                if not isinstance(exc, UnicodeEncodeError) or attempt is not row:
+                    left_out += 1
+                    break
+            except Exception as exc:
+                raise _not_inserted(db, before + at // width, exc) from exc
     return left_out
 
 

@@ -26,7 +26,6 @@ from gateway.admin_auth import allow
 from gateway.call import Attempt, Call
 from gateway.errors import GatewayError
 from gateway.identity import Identity
-from gateway.logs import get_logger
 from gateway.state import Gateway
 from gateway.validate import positive
 from plugins import _bulk_insert as bulk_insert
@@ -63,7 +62,6 @@ WIDTH = len(WITHOUT_CONTENT)
 """Values ``request_complete`` queues a request (the FILTERED columns, then the detail), one more with
 ``store_content`` (what ``_content`` makes the prompt and completion from)."""
 _json = _json_text.encoder()
-log = get_logger("multiverse.requestlog")
 CONTENT_QUEUED = 4096
 """Rows with content kept queued for a database that refuses them: each holds up to twice max_content_chars."""
 RAW_PER_CHAR = 64
@@ -161,20 +159,19 @@ class Plugin:
         values, self.pending = self.pending, []
         db = self.gateway.registry.db
         width, most = (WIDTH + 1, CONTENT_QUEUED) if self.options.store_content else (WIDTH, bulk_insert.MOST_QUEUED)
+        if self.options.store_content:
+            rows = [self._row(values[at : at + width]) for at in range(0, len(values), width)]
+            values = [v for row in rows for v in (*row[:WIDTH], Rendered(row[WIDTH:]))]  # queued again: no bodies
+            columns, inserted = q.COLUMN_NAMES, [v for row in rows for v in row]
+        else:
+            columns, inserted = WITHOUT_CONTENT, values
         try:
-            if self.options.store_content:
-                rows = [self._row(values[at : at + width]) for at in range(0, len(values), width)]
-                values = [v for row in rows for v in (*row[:WIDTH], Rendered(row[WIDTH:]))]  # queued again: no bodies
-                left_out = await bulk_insert.insert(db, "requestlog", q.COLUMN_NAMES, rows)
-            else:
-                left_out = await bulk_insert.insert_flat(db, "requestlog", WITHOUT_CONTENT, values)
+            left_out = await bulk_insert.insert_and_commit(db, "requestlog", columns, inserted)
         except bulk_insert.NotInserted as failed:  # kept for the next flush (the failure is logged by the caller)
             self.pending, dropped = bulk_insert.requeue(values, failed, self.pending, width, most)
             if dropped:
                 self.gateway.log.error("requestlog_rows_dropped", rows=dropped, queued=len(self.pending) // width)
-            await db.commit()  # the rows that went in, in; and no write transaction left open to block other writers
             raise
-        await db.commit()
         if left_out:
             self.gateway.log.error("requestlog_rows_dropped", rows=left_out, reason="values the database cannot store")
 
@@ -184,12 +181,7 @@ class Plugin:
         extra = entry[WIDTH]
         if isinstance(extra, Rendered):
             return (*entry[:WIDTH], *extra)
-        try:
-            prompt, completion = self._content(*extra)
-        except Exception:  # a body or answer of a shape nobody foresaw: the row is kept without its content
-            log.exception("requestlog_content_failed", request_id=entry[1])
-            prompt, completion = None, None
-        return (*entry[:WIDTH], prompt, completion)
+        return (*entry[:WIDTH], *self._content(*extra))
 
     def _content(self, body: dict[str, Any], chunks: list[bytes] | None, answer: Any) -> tuple[str, str | None]:
         """The request's messages (or prompt, or input) as JSON, and the answer's text; each cut short."""

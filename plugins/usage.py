@@ -98,15 +98,13 @@ class Plugin:
         values, self.pending = self.pending, []
         db = self.gateway.registry.db
         try:
-            left_out = await _bulk_insert.insert_flat(db, "usage_requests", _usage_report.COLUMNS, values)
+            left_out = await _bulk_insert.insert_and_commit(db, "usage_requests", _usage_report.COLUMNS, values)
         except _bulk_insert.NotInserted as failed:  # kept for the next flush (the failure is logged by the caller)
             width = len(_usage_report.COLUMNS)
             self.pending, dropped = _bulk_insert.requeue(values, failed, self.pending, width)
             if dropped:
                 self.gateway.log.error("usage_rows_dropped", rows=dropped, queued=len(self.pending) // width)
-            await db.commit()  # the rows that went in, in; and no write transaction left open to block other writers
             raise
-        await db.commit()
         if left_out:
             self.gateway.log.error("usage_rows_dropped", rows=left_out, reason="values the database cannot store")
 

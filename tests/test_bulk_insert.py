@@ -6,6 +6,7 @@ import asyncio
 import json
 import sqlite3
 from pathlib import Path
+from typing import Any
 
 import aiosqlite
 import pytest
@@ -164,3 +165,45 @@ def test_a_queue_the_database_refuses_keeps_the_rows_not_in_and_drops_the_oldest
     most = _bulk_insert.MOST_QUEUED
     queue, dropped = _bulk_insert.requeue(list(range(most + 10)), _bulk_insert.NotInserted(0, failed), [-1], 1)
     assert dropped == 11 and queue[0] == 11 and queue[-1] == -1 and len(queue) == most
+
+
+async def test_rows_left_out_row_by_row_still_get_a_question_mark_for_a_lone_surrogate(tmp_path: Path) -> None:
+    """The chunk first fails on a number past SQLite's integers, so it goes row by row uncleaned: the row with a
+    lone surrogate is stored with '?' (not left out), and a dict, which sqlite3 cannot bind, is left out."""
+    rows = [(1, "a"), (10**30, "big"), (3, json.loads('"s \\ud800"')), (4, {"a": 1}), (5, "e")]
+    async with aiosqlite.connect(tmp_path / "rows.db") as db:
+        await db.execute("CREATE TABLE t (id INTEGER PRIMARY KEY, n INTEGER, text TEXT)")
+        assert await _bulk_insert.insert(db, "t", ("n", "text"), rows) == 2
+        async with db.execute("SELECT n, text FROM t ORDER BY id") as cursor:
+            assert [tuple(row) for row in await cursor.fetchall()] == [(1, "a"), (3, "s ?"), (5, "e")]
+
+
+class _DiskFullAtCommit:
+    """An aiosqlite connection whose disk fills up at the commit: SQLite then rolls the transaction back."""
+
+    def __init__(self, db: aiosqlite.Connection) -> None:
+        self.db = db
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.db, name)
+
+    async def commit(self) -> None:
+        await self.db.rollback()
+        raise sqlite3.OperationalError("database or disk is full")
+
+
+async def test_a_commit_the_disk_refuses_says_no_row_went_in(tmp_path: Path) -> None:
+    """Every chunk went in, then the commit failed and SQLite rolled back: the writer must queue all of them again
+    (a reviewer lost 300 rows on a full tmpfs, where the batch had been counted as written)."""
+    rows = [(n, f"row {n}") for n in range(300)]
+    async with aiosqlite.connect(tmp_path / "rows.db") as db:
+        await db.execute("CREATE TABLE t (id INTEGER PRIMARY KEY, n INTEGER, text TEXT)")
+        await db.commit()
+        full: Any = _DiskFullAtCommit(db)
+        values = [value for row in rows for value in row]
+        with pytest.raises(_bulk_insert.NotInserted, match="full") as refused:
+            await _bulk_insert.insert_and_commit(full, "t", ("n", "text"), values)
+        assert refused.value.rows == 0
+        assert await _bulk_insert.insert_and_commit(db, "t", ("n", "text"), values) == 0
+        async with db.execute("SELECT count(*) FROM t") as cursor:
+            assert (await cursor.fetchone()) == (300,)
