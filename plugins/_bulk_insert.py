@@ -96,7 +96,9 @@ cannot bind): no retry helps. (``ProgrammingError`` only for a binding: see ``_i
 
 
 def _is_row_error(exc: BaseException) -> bool:
-    return not isinstance(exc, sqlite3.ProgrammingError) or str(exc).startswith("Error binding parameter")
+    if isinstance(exc, sqlite3.ProgrammingError):
+        return str(exc).startswith("Error binding parameter")
+    return isinstance(exc, _ROW_ERRORS)
 
 
 async def insert_and_commit(db: aiosqlite.Connection, table: str, columns: tuple[str, ...], values: list[Any]) -> int:
@@ -152,10 +154,10 @@ async def insert_flat(db: aiosqlite.Connection, table: str, columns: tuple[str, 
         try:
             await db.executemany(sql, feed)
             return left_out
-        except _ROW_ERRORS as exc:  # the chunks before the failing one are in; from it on, none
-            if not _is_row_error(exc):
-                raise _not_inserted(db, max(feed.next - 1, start) * size, exc) from exc
-            failed = max(feed.next - 1, start)
+        except Exception as exc:  # the chunks before the failing one are in; from it on, none
+            failed = max(feed.next - 1, start)  # (start: it failed before taking a chunk)
+            if not _is_row_error(exc):  # the database refused (locked, full, closed): say which rows are in
+                raise _not_inserted(db, failed * size, exc) from exc
             if isinstance(exc, UnicodeEncodeError) and failed not in cleaned:  # a lone surrogate (a client's JSON)
                 chunks[failed] = [_storable(value) for value in chunks[failed]]
                 cleaned.add(failed)
@@ -163,8 +165,6 @@ async def insert_flat(db: aiosqlite.Connection, table: str, columns: tuple[str, 
                 left_out += await _row_by_row(db, table, columns, chunks[failed], failed * size)
                 failed += 1
             start = failed
-        except Exception as exc:  # the database refused (locked, full, closed): say which rows are in
-            raise _not_inserted(db, max(feed.next - 1, start) * size, exc) from exc
     return left_out
 
 
@@ -182,14 +182,12 @@ async def _row_by_row(
             try:
                 await db.execute(sql, attempt)
                 break
-            except _ROW_ERRORS as exc:
+            except Exception as exc:
                 if not _is_row_error(exc):
                     raise _not_inserted(db, before + at // width, exc) from exc
                 if not isinstance(exc, UnicodeEncodeError) or attempt is not row:
                     left_out += 1
                     break
-            except Exception as exc:
-                raise _not_inserted(db, before + at // width, exc) from exc
     return left_out
 
 

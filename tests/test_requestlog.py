@@ -16,7 +16,7 @@ from gateway import migrations
 from gateway.call import Attempt, Call
 from plugins import _bulk_insert
 from plugins import _requestlog_query as q
-from plugins.requestlog import Rendered
+from plugins.requestlog import WIDTH, Rendered
 from tests.conftest import ADMIN, RunningGateway, StartBackend, StartGateway
 from tests.test_usage import refuse_inserts
 
@@ -441,8 +441,6 @@ async def test_entries_the_database_refuses_are_kept_and_written_once_it_takes_t
 
 
 def _entries(queued: list[Any]) -> list[list[Any]]:
-    from plugins.requestlog import WIDTH
-
     return [queued[at : at + WIDTH + 1] for at in range(0, len(queued), WIDTH + 1)]
 
 
